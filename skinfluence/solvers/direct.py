@@ -1,0 +1,51 @@
+"""Direct method: the exact p x p curvature, factorised once by Cholesky."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._gradients import dense_curvature
+from ._base import CurvatureOperator, NotPositiveDefiniteError, Solver
+
+
+def suggest_regularization(min_eigenvalue: float, regularization: float) -> float:
+    """A regularization that lifts the smallest eigenvalue safely above zero."""
+    need = max(-min_eigenvalue, 0.0) + max(abs(min_eigenvalue), 1e-8) * 0.5
+    need = max(need, regularization * 10 if regularization > 0 else 1e-6)
+    digits = math.floor(math.log10(need))
+    return math.ceil(need / 10**digits) * 10**digits
+
+
+class DirectSolver(Solver):
+    """Forms ``A = C + P + lambda I`` densely and keeps its Cholesky factor.
+
+    Memory: the p x p matrix and its factor (2 p^2 numbers).
+    """
+
+    def fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
+        a = operator.adapter
+        A = dense_curvature(
+            a, operator.X, operator.Y, operator.curvature, operator.batch_size, progress=progress
+        )
+        if not a.penalty.is_zero:
+            A += a.penalty.dense(a.n_params, a.dtype, a.device)
+        A.diagonal().add_(operator.regularization)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            A.diagonal().sub_(operator.regularization)
+            lam_min = float(torch.linalg.eigvalsh(A.double())[0])
+            raise NotPositiveDefiniteError(
+                f"regularization: the {operator.curvature} curvature plus "
+                f"regularization={operator.regularization:g} is not positive definite "
+                f"(its smallest eigenvalue without regularization is {lam_min:.3g}). "
+                f"Use regularization={suggest_regularization(lam_min, operator.regularization):g} "
+                "or larger, or hessian='gauss-newton', which is positive semi-definite."
+            )
+        self.cholesky_ = L
+        self.n_params_ = a.n_params
+        return self
+
+    def solve(self, G: torch.Tensor) -> torch.Tensor:
+        return torch.cholesky_solve(G.T.to(self.cholesky_.dtype), self.cholesky_).T
