@@ -235,7 +235,7 @@ class ModelAdapter:
 
     def unflatten(self, v: torch.Tensor) -> dict:
         out, o = {}, 0
-        for n, s, k in zip(self.param_names, self.shapes, self.sizes):
+        for n, s, k in zip(self.param_names, self.shapes, self.sizes, strict=False):
             out[n] = v[o : o + k].reshape(s)
             o += k
         return out
@@ -456,7 +456,7 @@ def _linear_module(coef: np.ndarray, intercept, dtype) -> nn.Linear:
 
 def _weight_bias_diag(adapter: ModelAdapter, weight_value: float, bias_value: float):
     parts = []
-    for n, k in zip(adapter.param_names, adapter.sizes):
+    for n, k in zip(adapter.param_names, adapter.sizes, strict=False):
         parts.append(torch.full((k,), weight_value if n == "weight" else bias_value, dtype=torch.float64))
     return torch.cat(parts)
 

@@ -98,9 +98,7 @@ def dense_curvature(
             for t in range(len(adapter.param_names))
             for b in batch_slices(adapter.sizes[t], block)
         ]
-        offsets = [0]
-        for k in adapter.sizes:
-            offsets.append(offsets[-1] + k)
+        offsets = _offsets(adapter)
         for s, t, b in steps if progress is None else progress(steps, desc="Hessian"):
             rows = _hessian_rows(adapter, X[s], Y[s], t, b)
             r0, c0 = offsets[t] + b.start, offsets[t]
@@ -161,3 +159,10 @@ def mixed_projection(
 
     jac = jacfwd(proj) if X[0].numel() <= F.shape[0] else jacrev(proj)
     return vmap(jac)(X, Y)
+
+
+def _offsets(adapter: ModelAdapter) -> list[int]:
+    offsets = [0]
+    for k in adapter.sizes:
+        offsets.append(offsets[-1] + k)
+    return offsets

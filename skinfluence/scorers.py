@@ -9,6 +9,7 @@ builds, nothing more.
 from __future__ import annotations
 
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -17,11 +18,12 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_array, check_is_fitted
 from torch.func import grad, vmap
 
-from ._adapters import CLASS_INDEX, BINARY, build_adapter
+from ._adapters import BINARY, CLASS_INDEX, build_adapter
 from ._gradients import batch_slices, mixed_projection, per_sample_grads
 from .solvers import CurvatureOperator, DirectSolver
+from .solvers.ekfac import EkfacSolver, select_layers
 
-__all__ = ["InfluenceScorer", "DirectInfluenceScorer"]
+__all__ = ["DirectInfluenceScorer", "EkfacInfluenceScorer", "InfluenceScorer"]
 
 #: The one sentence on sign and scale, repeated wherever influences are returned.
 SIGN_AND_SCALE = (
@@ -59,7 +61,7 @@ class InfluenceScorer(BaseEstimator):
     Subclasses define ``__init__`` (storing their arguments) and ``_make_solver``.
     """
 
-    _parameter_constraints: dict = {
+    _parameter_constraints: ClassVar[dict] = {
         "estimator": "no_validation",
         "loss": [None, callable],
         "params": [None, str, list, tuple],
@@ -318,7 +320,7 @@ class InfluenceScorer(BaseEstimator):
                 else:
                     out.append(_self_perturbation(a, X[s], Y[s], F))
         if not out:
-            return np.zeros((0,) if self.mode == "up" else (0,) + self.x_shape_)
+            return np.zeros((0,) if self.mode == "up" else (0, *self.x_shape_))
         return self._numpy(torch.cat(out))
 
 
@@ -453,3 +455,335 @@ class DirectInfluenceScorer(InfluenceScorer):
 
     def _make_solver(self):
         return DirectSolver()
+
+
+def _param_entries(fragment: str) -> dict:
+    """Split a numpydoc parameter fragment into its entries, by parameter name."""
+    import re
+
+    parts = re.split(r"\n    (?=\w+ :)", fragment)
+    return {p.split(" :")[0].strip(): "\n    " + p.strip("\n") for p in parts if p.strip()}
+
+
+_EKFAC_ENTRIES = _param_entries(_SCORER_PARAMS)
+_EKFAC_PARAMS = "".join(
+    [_EKFAC_ENTRIES[k] for k in ("estimator", "loss", "params", "regularization")]
+    + [
+        """
+    update_diagonal : bool, default=True
+        Refit the eigenvalues in the Kronecker eigenbasis from per-sample gradients
+        (EK-FAC). False keeps the products of the factors' eigenvalues (K-FAC).
+    fisher : {"true", "gauss-newton", "empirical"}, default="true"
+        Output gradients the factors are built from. "true": labels sampled from the
+        model's predictive distribution (softmax for cross-entropy and skorch's NLL on
+        probabilities, Bernoulli for binary cross-entropy, Gaussian for MSE), one per
+        sample, seeded by ``random_state``. "gauss-newton": the exact expectation over
+        that distribution, from a square root of the loss's Hessian with respect to the
+        model output (one backward pass per output; any twice-differentiable loss);
+        it equals the Gauss-Newton matrix whenever that is Kronecker-factored, e.g. a
+        single linear layer with MSE loss. "empirical": the given labels.
+    layers : str or list of str, default=None
+        Names of the ``nn.Linear`` / ``nn.Conv2d`` modules to take into account, as in
+        ``model.named_modules()``; the parameters of other modules are held fixed.
+        None takes every module holding a selected parameter, and raises an error
+        listing any that is neither Linear nor Conv2d.""",
+        _EKFAC_ENTRIES["mode"],
+    ]
+    + [_EKFAC_ENTRIES[k] for k in ("batch_size", "dtype", "device", "progress")]
+    + [
+        """
+    random_state : int, RandomState instance or None, default=None
+        Seeds the labels sampled for ``fisher="true"``."""
+    ]
+)
+
+
+class EkfacInfluenceScorer(InfluenceScorer):
+    __doc__ = f"""Influence functions with EK-FAC, Kronecker-factored curvature per layer.
+
+    The curvature is block diagonal over the model's ``nn.Linear`` and ``nn.Conv2d``
+    layers. Each block is approximated by the Kronecker product of the covariance of
+    the layer's input activations (a 1 appended for the bias) and that of the
+    gradients with respect to its output (K-FAC; KFC for convolutions, over unfolded
+    patches); with ``update_diagonal=True`` its eigenvalues are refitted from
+    per-sample gradients projected on the Kronecker eigenbasis (EK-FAC, George et al.
+    2018). ``regularization`` is added to those eigenvalues, as in pyDVL's
+    ``EkfacInfluence``, together with the diagonal of the estimator's own L2 penalty
+    in the same basis. The factors take two passes over the training data, and
+    influences need no Hessian-vector products.
+
+    {SIGN_AND_SCALE}
+
+    Convolutions follow KFC (Grosse & Martens, 2016): the activation factor is
+    averaged over output positions and the gradient factor summed over them, so
+    that plain K-FAC has the scale of the Fisher when output gradients are
+    spatially uncorrelated.
+
+    Memory: per layer, the two factors and their eigenvectors plus ``d_out x d_in``
+    eigenvalues; while computing influences, the test points' preconditioned
+    gradients (n_test x p). Training gradients of a layer applied once per sample
+    are never formed: the test factors are contracted with the batch's activations
+    and output gradients; convolutions form ``batch_size`` gradients at a time.
+
+    Parameters
+    ----------{_EKFAC_PARAMS}
+
+    Attributes
+    ----------{_SCORER_ATTRS}
+    layers_ : list of str
+        Names of the modules whose parameters are taken into account.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> from sklearn.datasets import load_digits
+    >>> from skorch import NeuralNetClassifier
+    >>> from skinfluence import EkfacInfluenceScorer
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X, y = (X / 16).astype(np.float32), y.astype(np.int64)
+    >>> _ = torch.manual_seed(0)
+    >>> module = torch.nn.Sequential(
+    ...     torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    >>> net = NeuralNetClassifier(
+    ...     module, criterion=torch.nn.CrossEntropyLoss, max_epochs=20, lr=0.1,
+    ...     train_split=None, verbose=0).fit(X[:300], y[:300])
+    >>> scorer = EkfacInfluenceScorer(net, regularization=0.1, random_state=0)
+    >>> scorer = scorer.fit(X[:300], y[:300])
+    >>> scorer.influences(X[300:310], y[300:310]).shape
+    (10, 300)
+    >>> by_layer = scorer.influences_by_layer(X[300:310], y[300:310])
+    >>> sorted(by_layer)
+    ['0', '2']
+    >>> bool(np.allclose(sum(by_layer.values()), scorer.influences(X[300:310], y[300:310]),
+    ...                  rtol=1e-4, atol=1e-6))
+    True
+    """
+
+    _parameter_constraints: ClassVar[dict] = {
+        **InfluenceScorer._parameter_constraints,
+        "update_diagonal": ["boolean"],
+        "fisher": [StrOptions({"true", "gauss-newton", "empirical"})],
+        "layers": [None, str, list, tuple],
+        "random_state": ["random_state"],
+    }
+
+    def __init__(
+        self,
+        estimator=None,
+        *,
+        loss=None,
+        params=None,
+        regularization=0.01,
+        update_diagonal=True,
+        fisher="true",
+        layers=None,
+        mode="up",
+        batch_size=256,
+        dtype=None,
+        device=None,
+        progress=False,
+        random_state=None,
+    ):
+        self.estimator = estimator
+        self.loss = loss
+        self.params = params
+        self.regularization = regularization
+        self.update_diagonal = update_diagonal
+        self.fisher = fisher
+        self.layers = layers
+        self.mode = mode
+        self.batch_size = batch_size
+        self.dtype = dtype
+        self.device = device
+        self.progress = progress
+        self.random_state = random_state
+
+    def _make_solver(self, layers=None):
+        return EkfacSolver(
+            layers=layers, fisher=self.fisher, update_diagonal=self.update_diagonal,
+            random_state=self.random_state,
+        )
+
+    def fit(self, X, y):
+        """Compute the Kronecker factors, their eigenbases and eigenvalues.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, n_features) or (n_train, ...)
+            The data the model was trained on.
+        y : array-like of shape (n_train,) or (n_train, n_targets)
+            Its targets (class labels for classifiers).
+
+        Returns
+        -------
+        self : object
+            The fitted scorer.
+        """
+        self._validate_params()
+        X = check_array(X, allow_nd=True, dtype="numeric", input_name="X")
+        y = self._check_y(y, X.shape[0], "y", "X")
+        kw = {"loss": self.loss, "dtype": self.dtype, "device": self.device}
+        adapter = build_adapter(self.estimator, params=self.params, **kw)
+        layers, names = select_layers(adapter.module, adapter.param_names, self.layers)
+        if names != adapter.param_names:  # parameters of left-out layers are held fixed
+            adapter = build_adapter(self.estimator, params=names, **kw)
+        Xt = adapter.features(X)
+        adapter.bind(Xt, X.shape[0])
+        Yt = adapter.targets(y, "y")
+        operator = CurvatureOperator(
+            adapter, Xt, Yt, "gauss-newton", float(self.regularization), int(self.batch_size)
+        )
+        with adapter.eval_mode():
+            solver = self._make_solver(layers).fit(operator, progress=_progress(self.progress))
+        self.adapter_ = adapter
+        self.solver_ = solver
+        self.layers_ = layers
+        self.X_train_, self.y_train_ = Xt, Yt
+        self.x_shape_ = tuple(X.shape[1:])
+        self.n_features_in_ = int(X.shape[1])
+        self.n_train_ = int(X.shape[0])
+        self.n_params_ = adapter.n_params
+        if adapter.target_kind in (CLASS_INDEX, BINARY):
+            self.classes_ = adapter.classes
+        return self
+
+    # ------------------------------------------------------------------ factored paths
+    def _test_factors(self, X, Y, progress=None) -> dict:
+        parts = {name: [] for name in self.layers_}
+        for s in _iterate(progress, list(batch_slices(X.shape[0], self.batch_size)), "factors"):
+            for name, v in self.solver_.test_factors(X[s], Y[s]).items():
+                parts[name].append(v)
+        return {
+            lay.name: torch.cat(parts[lay.name]) if parts[lay.name]
+            else torch.zeros(0, lay.d_out, lay.d_in, dtype=self.adapter_.dtype)
+            for lay in self.solver_.layers_
+        }
+
+    def _pairwise(self, X_test, y_test, X, y, by_layer: bool):
+        check_is_fitted(self)
+        Xte, Yte = self._data(X_test, y_test, "X_test", "y_test")
+        Xtr, Ytr = self._data(X, y, "X", "y")
+        progress = _progress(self.progress)
+        blocks = {name: [] for name in self.layers_} if by_layer else []
+        with self.adapter_.eval_mode():
+            factors = self._test_factors(Xte, Yte)
+            steps = list(batch_slices(Xtr.shape[0], self.batch_size))
+            for s in _iterate(progress, steps, "influences"):
+                scores = self.solver_.pairwise(factors, Xtr[s], Ytr[s])
+                if by_layer:
+                    for name, v in scores.items():
+                        blocks[name].append(v)
+                else:
+                    blocks.append(sum(scores.values()))
+        empty = np.zeros((Xte.shape[0], 0))
+        if by_layer:
+            return {k: self._numpy(torch.cat(v, 1)) if v else empty for k, v in blocks.items()}
+        return self._numpy(torch.cat(blocks, 1)) if blocks else empty
+
+    @_doc
+    def influences(self, X_test, y_test=None, X=None, y=None):
+        """Influence of each training point on each test point.
+
+        {sign_and_scale}
+
+        In ``mode="perturbation"`` the entry is a vector: the derivative of ``I[i, j]``
+        with respect to the features of training point j.
+
+        Parameters
+        ----------
+        X_test : array-like of shape (n_test, n_features)
+            Points whose loss is influenced.
+        y_test : array-like of shape (n_test,), default=None
+            Their targets; None uses the model's predicted class (classifiers only).
+        X, y : array-like, default=None
+            Training points to score; None uses the data given to ``fit``.
+
+        Returns
+        -------
+        I : ndarray of shape (n_test, n_train) or (n_test, n_train, n_features)
+            The influence matrix ("up") or tensor ("perturbation"); the sum of
+            :meth:`influences_by_layer` in "up" mode.
+        """
+        if self.mode != "up":
+            return super().influences(X_test, y_test, X, y)
+        return self._pairwise(X_test, y_test, X, y, by_layer=False)
+
+    @_doc
+    def influences_by_layer(self, X_test, y_test=None, X=None, y=None) -> dict:
+        """Influences split by layer: the curvature is block diagonal over layers.
+
+        {sign_and_scale} Each layer's matrix is the part of ``I`` carried by that
+        layer's parameters; the matrices sum to :meth:`influences`.
+
+        Parameters
+        ----------
+        X_test : array-like of shape (n_test, n_features)
+            Points whose loss is influenced.
+        y_test : array-like of shape (n_test,), default=None
+            Their targets; None uses the model's predicted class (classifiers only).
+        X, y : array-like, default=None
+            Training points to score; None uses the data given to ``fit``.
+
+        Returns
+        -------
+        I : dict of str to ndarray of shape (n_test, n_train)
+            One influence matrix per module name in ``layers_``.
+        """
+        if self.mode != "up":
+            raise ValueError(
+                "mode: influences_by_layer is available in mode='up'; set mode='up' or "
+                "call influences()."
+            )
+        return self._pairwise(X_test, y_test, X, y, by_layer=True)
+
+    def influence_factors(self, X, y=None):
+        """Inverse-curvature-vector products ``(H + lambda I)^-1 grad l(x, y)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Samples, usually test points.
+        y : array-like of shape (n_samples,), default=None
+            Their targets; None uses the model's own predicted class (classifiers only).
+
+        Returns
+        -------
+        factors : ndarray of shape (n_samples, n_params)
+            One row per sample, laid out as the model's parameters;
+            ``factors @ grad l(train_j)`` is its influence row.
+        """
+        check_is_fitted(self)
+        X, Y = self._data(X, y, "X", "y")
+        with self.adapter_.eval_mode():
+            factors = self._test_factors(X, Y, _progress(self.progress))
+        return self._numpy(self.solver_.from_layers(factors))
+
+    @_doc
+    def self_influence(self, X=None, y=None):
+        """Influence of each point on its own loss, without forming the pairwise matrix.
+
+        {sign_and_scale} Self-influence is the diagonal ``I[j, j]``: large values mark
+        points the model finds hard to fit, often mislabelled ones.
+
+        Parameters
+        ----------
+        X, y : array-like, default=None
+            Points to score; None uses the data given to ``fit``.
+
+        Returns
+        -------
+        s : ndarray of shape (n_samples,) or (n_samples, n_features)
+            In "perturbation" mode, the derivative of ``I[j, j]`` with respect to the
+            features of the training copy of point j.
+        """
+        if self.mode != "up":
+            return super().self_influence(X, y)
+        check_is_fitted(self)
+        X, Y = self._data(X, y, "X", "y")
+        out = []
+        with self.adapter_.eval_mode():
+            steps = list(batch_slices(X.shape[0], self.batch_size))
+            for s in _iterate(_progress(self.progress), steps, "self-influence"):
+                out.append(sum(self.solver_.self_scores(X[s], Y[s]).values()))
+        return self._numpy(torch.cat(out)) if out else np.zeros(0)

@@ -10,10 +10,18 @@ from .._gradients import dense_curvature
 from ._base import CurvatureOperator, NotPositiveDefiniteError, Solver
 
 
-def suggest_regularization(min_eigenvalue: float, regularization: float) -> float:
-    """A regularization that lifts the smallest eigenvalue safely above zero."""
-    need = max(-min_eigenvalue, 0.0) + max(abs(min_eigenvalue), 1e-8) * 0.5
-    need = max(need, regularization * 10 if regularization > 0 else 1e-6)
+def suggest_regularization(min_eigenvalue: float, max_eigenvalue: float) -> float:
+    """A regularization that lifts the smallest eigenvalue safely above zero.
+
+    Half as much again as the most negative eigenvalue, plus a relative floor for a
+    singular matrix, rounded up to one significant digit.
+
+    Examples
+    --------
+    >>> suggest_regularization(-2.59, 40.0)
+    4
+    """
+    need = 1.5 * max(-min_eigenvalue, 0.0) + 1e-6 * max(abs(max_eigenvalue), 1.0)
     digits = math.floor(math.log10(need))
     return math.ceil(need / 10**digits) * 10**digits
 
@@ -35,13 +43,18 @@ class DirectSolver(Solver):
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
             A.diagonal().sub_(operator.regularization)
-            lam_min = float(torch.linalg.eigvalsh(A.double())[0])
+            eig = torch.linalg.eigvalsh(A.double())
+            lam_min, lam_max = float(eig[0]), float(eig[-1])
             raise NotPositiveDefiniteError(
                 f"regularization: the {operator.curvature} curvature plus "
                 f"regularization={operator.regularization:g} is not positive definite "
                 f"(its smallest eigenvalue without regularization is {lam_min:.3g}). "
-                f"Use regularization={suggest_regularization(lam_min, operator.regularization):g} "
-                "or larger, or hessian='gauss-newton', which is positive semi-definite."
+                f"Use regularization={suggest_regularization(lam_min, lam_max):g} or larger"
+                + (
+                    ", or hessian='gauss-newton', which is positive semi-definite."
+                    if operator.curvature == "exact"
+                    else "."
+                )
             )
         self.cholesky_ = L
         self.n_params_ = a.n_params

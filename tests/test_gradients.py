@@ -1,0 +1,118 @@
+"""Derivatives against closed forms and finite differences."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression, Ridge
+
+from skinfluence._adapters import build_adapter
+from skinfluence._gradients import curvature_mv, dense_curvature, mixed_projection, per_sample_grads
+
+
+def _bound(est, X, y, **kw):
+    a = build_adapter(est, **kw)
+    Xt = a.features(X)
+    a.bind(Xt, len(X))
+    return a, Xt, a.targets(y)
+
+
+def _augment(X):
+    return np.hstack([X, np.ones((len(X), 1))])
+
+
+def test_logistic_regression_closed_form(cancer):
+    Xtr, ytr, _, _ = cancer
+    C = 0.3
+    m = LogisticRegression(C=C, max_iter=5000).fit(Xtr, ytr)
+    a, Xt, Yt = _bound(m, Xtr, ytr)
+    Z = _augment(Xtr)
+    w = np.concatenate([m.coef_.ravel(), m.intercept_])
+    p = 1 / (1 + np.exp(-Z @ w))
+    G_ref = (p - ytr)[:, None] * Z
+    np.testing.assert_allclose(per_sample_grads(a, Xt, Yt).numpy(), G_ref, rtol=1e-6, atol=1e-12)
+    n = len(ytr)
+    H_ref = (Z * (p * (1 - p))[:, None]).T @ Z / n
+    H_ref[:-1, :-1] += np.eye(Z.shape[1] - 1) / (C * n)
+    for curvature in ("exact", "gauss-newton"):
+        H = dense_curvature(a, Xt, Yt, curvature, batch_size=64) + a.penalty.dense(a.n_params, a.dtype, a.device)
+        np.testing.assert_allclose(H.numpy(), H_ref, rtol=1e-6, atol=1e-12)
+
+
+def test_ridge_closed_form(cancer):
+    Xtr, _, _, _ = cancer
+    X, y = Xtr[:, 1:], Xtr[:, 0]
+    alpha = 2.0
+    m = Ridge(alpha=alpha).fit(X, y)
+    a, Xt, Yt = _bound(m, X, y)
+    Z = _augment(X)
+    r = Z @ np.concatenate([m.coef_, [m.intercept_]]) - y
+    np.testing.assert_allclose(per_sample_grads(a, Xt, Yt).numpy(), 2 * r[:, None] * Z, rtol=1e-6, atol=1e-12)
+    n = len(y)
+    H_ref = 2 * Z.T @ Z / n
+    H_ref[:-1, :-1] += 2 * alpha / n * np.eye(Z.shape[1] - 1)
+    H = dense_curvature(a, Xt, Yt, "exact", batch_size=100) + a.penalty.dense(a.n_params, a.dtype, a.device)
+    np.testing.assert_allclose(H.numpy(), H_ref, rtol=1e-6, atol=1e-12)
+
+
+def test_hvp_matches_finite_differences_of_gradients(torch_mlp, wine):
+    Xtr, ytr, _, _ = wine
+    a, Xt, Yt = _bound(torch_mlp, Xtr, ytr, loss=F.cross_entropy)
+    theta = a.flat_params()
+    V = torch.randn(3, a.n_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def mean_grad(flat):
+        return torch.func.grad(
+            lambda f: torch.func.vmap(a.sample_loss, in_dims=(None, 0, 0))(a.unflatten(f), Xt, Yt).mean()
+        )(flat)
+
+    eps = 1e-5
+    fd = torch.stack([(mean_grad(theta + eps * v) - mean_grad(theta - eps * v)) / (2 * eps) for v in V])
+    hv = curvature_mv(a, Xt, Yt, V, "exact") / len(Xt)
+    torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-8)
+    H = dense_curvature(a, Xt, Yt, "exact", batch_size=50, block=7)
+    torch.testing.assert_close(V @ H, hv, rtol=1e-9, atol=1e-12)
+
+
+def test_gauss_newton_against_jacobians(torch_mlp, wine):
+    """GGN = mean_i J_i^T (d^2 l / d out^2) J_i, built from plain autograd Jacobians."""
+    Xtr, ytr, _, _ = wine
+    X, y = Xtr[:20], ytr[:20]
+    a, Xt, Yt = _bound(torch_mlp, X, y, loss=F.cross_entropy)
+    theta = a.flat_params()
+    G = torch.zeros(a.n_params, a.n_params, dtype=torch.float64)
+    for i in range(len(X)):
+        J = torch.autograd.functional.jacobian(lambda f: a.sample_output(a.unflatten(f), Xt[i])[0], theta)
+        p = torch.softmax(a.sample_output(a.params, Xt[i])[0], -1)
+        G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
+    G /= len(X)
+    H = dense_curvature(a, Xt, Yt, "gauss-newton", batch_size=7, block=13)
+    torch.testing.assert_close(H, G, rtol=1e-9, atol=1e-12)
+    assert torch.linalg.eigvalsh(H)[0] > -1e-10  # positive semi-definite
+
+
+def test_mixed_projection_matches_finite_differences(torch_mlp, wine):
+    Xtr, ytr, _, _ = wine
+    a, Xt, Yt = _bound(torch_mlp, Xtr[:4], ytr[:4], loss=F.cross_entropy)
+    Fm = torch.randn(2, a.n_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    J = mixed_projection(a, Xt, Yt, Fm)  # (4, 2, 13)
+    eps = 1e-6
+    for j in range(4):
+        for k in (0, 5, 12):
+            e = torch.zeros_like(Xt[j])
+            e[k] = eps
+            gp = per_sample_grads(a, (Xt[j] + e)[None], Yt[j : j + 1])[0]
+            gm = per_sample_grads(a, (Xt[j] - e)[None], Yt[j : j + 1])[0]
+            fd = Fm @ (gp - gm) / (2 * eps)
+            torch.testing.assert_close(J[j, :, k], fd, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_per_sample_grads_batched_equals_one_by_one(torch_mlp, wine, dtype):
+    Xtr, ytr, _, _ = wine
+    a, Xt, Yt = _bound(torch_mlp, Xtr[:10], ytr[:10], loss=F.cross_entropy, dtype=dtype)
+    whole = per_sample_grads(a, Xt, Yt)
+    assert whole.dtype == dtype
+    ones = torch.cat([per_sample_grads(a, Xt[i : i + 1], Yt[i : i + 1]) for i in range(10)])
+    torch.testing.assert_close(whole, ones)
+    np.testing.assert_equal(whole.shape, (10, a.n_params))
