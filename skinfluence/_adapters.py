@@ -64,6 +64,21 @@ class _ReshapeTarget:
         return self.loss(out, y)
 
 
+class _MeanSquaredError:
+    """``mse_loss`` with mean reduction, written out: torch's own fails under
+    forward-over-reverse differentiation (jvp of grad) on zero tangents."""
+
+    def __call__(self, out, y):
+        return ((out - y) ** 2).mean()
+
+
+def _replace_mse(loss):
+    """Swap a mean-reduced MSE for the equivalent that supports jvp of grad."""
+    if loss is F.mse_loss or (isinstance(loss, nn.MSELoss) and loss.reduction == "mean"):
+        return _MeanSquaredError()
+    return loss
+
+
 class _FlatLogit:
     """A binary classifier's output reshaped to (n,), as skorch's binary net does."""
 
@@ -98,7 +113,7 @@ def _loss_kind(loss) -> str:
         F.binary_cross_entropy,
     ):
         return BINARY
-    if isinstance(target, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)) or target in (
+    if isinstance(target, (_MeanSquaredError, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)) or target in (
         F.mse_loss,
         F.l1_loss,
         F.smooth_l1_loss,
@@ -371,6 +386,7 @@ def build_adapter(estimator, *, loss=None, params=None, dtype=None, device=None)
                 "loss(output, target) such as torch.nn.functional.cross_entropy."
             )
         kind = _loss_kind(loss)
+        loss = _replace_mse(loss)
         output_loss = _ReshapeTarget(loss) if kind in (BINARY, REGRESSION) else loss
         transform = _FirstOutput(_FlatLogit()) if kind == BINARY else _FirstOutput()
         return ModelAdapter(
@@ -417,7 +433,7 @@ def _from_skorch(net, loss, params, dtype, device) -> ModelAdapter:
     elif isinstance(net, skorch.NeuralNetRegressor) and kind == OTHER:
         kind = REGRESSION
     if kind in (BINARY, REGRESSION):
-        output_loss = _ReshapeTarget(output_loss)
+        output_loss = _ReshapeTarget(_replace_mse(output_loss))
     classes = None
     if is_binary:
         classes = np.array([0, 1])
@@ -557,7 +573,7 @@ def _from_linear_regression(est, loss, params, dtype, device) -> ModelAdapter:
     if not est.fit_intercept:
         module.bias.requires_grad_(False)
     return ModelAdapter(
-        module, _ReshapeTarget(F.mse_loss), target_kind=REGRESSION,
+        module, _ReshapeTarget(_MeanSquaredError()), target_kind=REGRESSION,
         penalty_factory=_RidgePenalty(alpha, coef.shape[0]), params=params, dtype=dtype,
         device=device, estimator_kind="sklearn",
     )

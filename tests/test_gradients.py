@@ -82,7 +82,7 @@ def test_gauss_newton_against_jacobians(torch_mlp, wine):
     theta = a.flat_params()
     G = torch.zeros(a.n_params, a.n_params, dtype=torch.float64)
     for i in range(len(X)):
-        J = torch.autograd.functional.jacobian(lambda f: a.sample_output(a.unflatten(f), Xt[i])[0], theta)
+        J = torch.autograd.functional.jacobian(lambda f, x=Xt[i]: a.sample_output(a.unflatten(f), x)[0], theta)
         p = torch.softmax(a.sample_output(a.params, Xt[i])[0], -1)
         G += J.T @ (torch.diag(p) - torch.outer(p, p)) @ J
     G /= len(X)
@@ -116,3 +116,46 @@ def test_per_sample_grads_batched_equals_one_by_one(torch_mlp, wine, dtype):
     ones = torch.cat([per_sample_grads(a, Xt[i : i + 1], Yt[i : i + 1]) for i in range(10)])
     torch.testing.assert_close(whole, ones)
     np.testing.assert_equal(whole.shape, (10, a.n_params))
+
+
+class _Reused(torch.nn.Module):
+    """One Linear applied twice: the structured Hessian must not be used."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Linear(13, 13)
+        self.head = torch.nn.Linear(13, 3, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def _models():
+    torch.manual_seed(0)
+    yield "mlp", torch.nn.Sequential(
+        torch.nn.Linear(13, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5, bias=False), torch.nn.Sigmoid(), torch.nn.Linear(5, 3)
+    ).double(), None
+    yield "last layer only", torch.nn.Sequential(torch.nn.Linear(13, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double(), "2"
+    yield "first layer only", torch.nn.Sequential(torch.nn.Linear(13, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double(), "0"
+    yield "reused layer", _Reused().double(), None
+
+
+@pytest.mark.parametrize("name, model, params", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
+def test_structured_hessian_equals_generic(wine, name, model, params):
+    from skinfluence._gradients import _linear_plan
+
+    Xtr, ytr, _, _ = wine
+    a, Xt, Yt = _bound(model, Xtr[:50], ytr[:50], loss=F.cross_entropy, params=params)
+    assert (_linear_plan(a, Xt) is None) == (name == "reused layer")
+    E = torch.eye(a.n_params, dtype=torch.float64)
+    generic = curvature_mv(a, Xt, Yt, E, "exact") / len(Xt)
+    for bs in (7, 50):
+        torch.testing.assert_close(dense_curvature(a, Xt, Yt, "exact", batch_size=bs), 0.5 * (generic + generic.T), rtol=1e-9, atol=1e-12)
+
+
+def test_structured_hessian_skorch_probabilities(skorch_net, wine):
+    Xtr, ytr, _, _ = wine
+    a, Xt, Yt = _bound(skorch_net, Xtr[:40].astype(np.float32), ytr[:40], dtype="float64")
+    E = torch.eye(a.n_params, dtype=torch.float64)
+    generic = curvature_mv(a, Xt, Yt, E, "exact") / len(Xt)
+    torch.testing.assert_close(dense_curvature(a, Xt, Yt, "exact", batch_size=16), 0.5 * (generic + generic.T), rtol=1e-9, atol=1e-12)

@@ -115,7 +115,7 @@ def test_wrong_number_of_features(torch_mlp, wine):
     with pytest.raises(ValueError, match="X: the model could not be evaluated"):
         s.fit(Xtr[:, :5], ytr)
     s.fit(Xtr, ytr)
-    with pytest.raises(ValueError, match="X_test has samples of shape .5,. .5 features"):
+    with pytest.raises(ValueError, match=r"X_test has samples of shape .5,. .5 features"):
         s.transform(Xte[:, :5], yte)
 
 
@@ -134,12 +134,11 @@ def test_unseen_labels(torch_mlp, wine, cancer):
 
 
 def test_unfitted_estimators(wine):
+    from _models import SoftmaxMLP
     from skorch import NeuralNetClassifier
 
-    from _models import SoftmaxMLP
-
     Xtr, ytr, _, _ = wine
-    with pytest.raises(NotFittedError, match="estimator: this NeuralNetClassifier is not fitted"):
+    with pytest.raises(NotFittedError, match=r"estimator: this NeuralNetClassifier is not fitted"):
         DirectInfluenceScorer(NeuralNetClassifier(SoftmaxMLP)).fit(Xtr, ytr)
     with pytest.raises(NotFittedError, match="estimator: this LogisticRegression is not fitted"):
         DirectInfluenceScorer(LogisticRegression()).fit(Xtr, ytr)
@@ -149,7 +148,7 @@ def test_unfitted_estimators(wine):
 
 def test_torch_module_needs_a_loss(torch_mlp, wine):
     Xtr, ytr, _, _ = wine
-    with pytest.raises(ValueError, match="loss: a torch nn.Module needs loss="):
+    with pytest.raises(ValueError, match=r"loss: a torch nn.Module needs loss="):
         DirectInfluenceScorer(torch_mlp).fit(Xtr, ytr)
 
 
