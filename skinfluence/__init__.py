@@ -1,7 +1,16 @@
 """skinfluence: influence functions for scikit-learn, skorch and torch models."""
 
-from .scorers import DirectInfluenceScorer, InfluenceScorer
+from .detection import MislabelDetector
+from .scorers import (
+    ArnoldiInfluenceScorer,
+    CgInfluenceScorer,
+    DirectInfluenceScorer,
+    EkfacInfluenceScorer,
+    InfluenceScorer,
+    LissaInfluenceScorer,
+    NystroemInfluenceScorer,
+)
 from .solvers import NotPositiveDefiniteError
 
-__all__ = ["DirectInfluenceScorer", "InfluenceScorer", "NotPositiveDefiniteError"]
+__all__ = ["ArnoldiInfluenceScorer", "CgInfluenceScorer", "DirectInfluenceScorer", "EkfacInfluenceScorer", "InfluenceScorer", "LissaInfluenceScorer", "MislabelDetector", "NotPositiveDefiniteError", "NystroemInfluenceScorer"]
 __version__ = "0.1.0"

@@ -77,6 +77,17 @@ def flip_labels(y, fraction=0.1, *, noise_matrix=None, random_state=None):
 def make_blobs_2d(n_samples=1000, *, separation=1.0, scale=0.5, random_state=None):
     """Two Gaussian blobs in 2-d, centred at +-separation/2 on the diagonal.
 
+    Parameters
+    ----------
+    n_samples : int, default=1000
+        Number of points; each gets class 0 or 1 with equal probability.
+    separation : float, default=1.0
+        Distance between the two centres along each axis.
+    scale : float, default=0.5
+        Standard deviation of each blob.
+    random_state : int, RandomState instance or None, default=None
+        Seed.
+
     Returns
     -------
     X : ndarray of shape (n_samples, 2)

@@ -25,7 +25,34 @@ class NotPositiveDefiniteError(ValueError):
 
 @dataclass
 class CurvatureOperator:
-    """``A = C + P + lambda I`` over the training data, applied without forming it."""
+    """``A = C + P + lambda I`` over the training data, applied without forming it.
+
+    Parameters
+    ----------
+    adapter : ModelAdapter
+        The fitted model as a function of its parameters.
+    X, Y : torch.Tensor
+        Training inputs and targets, as the adapter converted them.
+    curvature : {"exact", "gauss-newton"}
+        C is the Hessian or the Gauss-Newton matrix of the mean training loss.
+    regularization : float
+        lambda.
+    batch_size : int
+        Training samples per product step.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skinfluence._adapters import build_adapter
+    >>> from skinfluence.solvers import CurvatureOperator
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> a = build_adapter(model, loss=torch.nn.functional.cross_entropy)
+    >>> X, y = torch.randn(10, 3, dtype=torch.float64), torch.arange(10) % 2
+    >>> a.bind(X, 10)
+    >>> op = CurvatureOperator(a, X, y, "exact", regularization=0.1, batch_size=4)
+    >>> op.mv(torch.eye(op.n_params, dtype=torch.float64)).shape
+    torch.Size([8, 8])
+    """
 
     adapter: ModelAdapter
     X: torch.Tensor
@@ -58,7 +85,22 @@ class CurvatureOperator:
 
 
 class Solver:
-    """Interface of a curvature solver (see module docstring)."""
+    """Interface of a curvature solver (see module docstring).
+
+    Examples
+    --------
+    A solver that ignores the curvature (the identity), to show the interface:
+
+    >>> import torch
+    >>> from skinfluence.solvers import Solver
+    >>> class Identity(Solver):
+    ...     def fit(self, operator, progress=None):
+    ...         return self
+    ...     def solve(self, G):
+    ...         return G
+    >>> Identity().fit(None).solve(torch.ones(2, 3)).shape
+    torch.Size([2, 3])
+    """
 
     def fit(self, operator: CurvatureOperator, progress=None) -> Solver:  # pragma: no cover
         raise NotImplementedError

@@ -16,6 +16,15 @@ def suggest_regularization(min_eigenvalue: float, max_eigenvalue: float) -> floa
     Half as much again as the most negative eigenvalue, plus a relative floor for a
     singular matrix, rounded up to one significant digit.
 
+    Parameters
+    ----------
+    min_eigenvalue, max_eigenvalue : float
+        Extreme eigenvalues of the curvature without regularization.
+
+    Returns
+    -------
+    regularization : float
+
     Examples
     --------
     >>> suggest_regularization(-2.59, 40.0)
@@ -30,6 +39,21 @@ class DirectSolver(Solver):
     """Forms ``A = C + P + lambda I`` densely and keeps its Cholesky factor.
 
     Memory: the p x p matrix and its factor (2 p^2 numbers).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skinfluence._adapters import build_adapter
+    >>> from skinfluence.solvers import CurvatureOperator, DirectSolver
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> a = build_adapter(model, loss=torch.nn.functional.cross_entropy)
+    >>> X, y = torch.randn(10, 3, dtype=torch.float64), torch.arange(10) % 2
+    >>> a.bind(X, 10)
+    >>> op = CurvatureOperator(a, X, y, "exact", regularization=0.1, batch_size=4)
+    >>> solver = DirectSolver().fit(op)
+    >>> G = torch.randn(5, op.n_params, dtype=torch.float64)
+    >>> torch.allclose(op.mv(solver.solve(G)), G)
+    True
     """
 
     def fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
