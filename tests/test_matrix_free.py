@@ -157,6 +157,15 @@ def test_lissa_tight_tolerance_is_exact(mlp_data, direct):
     assert rel_err(I, direct["exact"]) < 1e-6
 
 
+def test_lissa_dampen_is_extra_regularization(mlp_data):
+    """The fixed point with dampening d is (H + (lambda + d * scale) I)^-1 g."""
+    model, Xtr, ytr, Xte, yte = mlp_data
+    s = make(LissaInfluenceScorer, model, dampen=0.05, scale=2.0, rtol=1e-12, maxiter=5000)
+    I = s.fit(Xtr, ytr).influences(Xte, yte)
+    J = make(DirectInfluenceScorer, model, regularization=REG + 0.05 * 2.0).fit(Xtr, ytr)
+    assert rel_err(I, J.influences(Xte, yte)) < 1e-8
+
+
 def test_lissa_minibatches_approach_direct(mlp_data, direct):
     model, Xtr, ytr, Xte, yte = mlp_data
     s = make(LissaInfluenceScorer, model, minibatch_size=35, maxiter=300, random_state=0,
@@ -440,3 +449,17 @@ def test_cuda_matches_cpu(mlp_data, cls, kw):
     cpu = make(cls, model, random_state=0, **kw).fit(Xtr, ytr).influences(Xte, yte)
     gpu = make(cls, model, random_state=0, device="cuda", **kw).fit(Xtr, ytr)
     assert rel_err(gpu.influences(Xte, yte), cpu) < 1e-6
+
+
+def test_cg_negative_curvature_is_reported_not_crashed():
+    """An indefinite Hessian gives NotPositiveDefiniteError with a suggestion, even
+    when the search block is linearly dependent (many identical right-hand sides)."""
+    from skinfluence import CgInfluenceScorer, NotPositiveDefiniteError
+
+    torch.manual_seed(3)
+    X = torch.randn(60, 5, dtype=torch.float64).numpy()
+    y = np.arange(60) % 3
+    model = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    s = CgInfluenceScorer(model, loss=F.cross_entropy, regularization=1e-3, hessian="exact")
+    with pytest.raises(NotPositiveDefiniteError, match="Use regularization="):
+        s.fit(X, y).transform(np.repeat(X[:1], 8, 0), np.repeat(y[:1], 8))

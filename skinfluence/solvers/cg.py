@@ -251,11 +251,12 @@ class CgSolver(Solver):
 def _negative_curvature(op: CurvatureOperator, P, PAP) -> NotPositiveDefiniteError:
     """The error for a search block along which A is not positive definite, with the
     most negative Rayleigh quotient found (an upper bound on A's smallest eigenvalue)."""
+    # The block may be linearly dependent: work on the range of its Gram matrix.
     gram = (P @ P.T).to(torch.float64)
-    L = torch.linalg.cholesky(gram + 1e-12 * gram.diagonal().max() * torch.eye(
-        gram.shape[0], dtype=gram.dtype, device=gram.device))
-    M = torch.linalg.solve_triangular(L, PAP, upper=False)
-    M = torch.linalg.solve_triangular(L, M.T, upper=False)
+    s, V = torch.linalg.eigh(0.5 * (gram + gram.T))
+    keep = s > 1e-10 * s.max().clamp_min(torch.finfo(torch.float64).tiny)
+    W = V[:, keep] / s[keep].sqrt()
+    M = W.T @ PAP.to(torch.float64) @ W
     quotients = torch.linalg.eigvalsh(0.5 * (M + M.T))
     lam = float(op.regularization)
     lowest, highest = float(quotients[0]) - lam, float(quotients[-1]) - lam
