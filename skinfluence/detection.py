@@ -57,6 +57,11 @@ __all__ = ["MislabelDetector"]
 DEFAULT_REGULARIZATION = 0.01
 
 STRATEGIES = ("crossfit", "loo", "self", "harm")
+
+
+def _plain(value):
+    """A numpy scalar as the Python value it holds, for messages (numpy 2 reprs differ)."""
+    return value.item() if isinstance(value, np.generic) else value
 _NEEDS_FOLDS = ("crossfit", "harm")
 
 
@@ -363,7 +368,7 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
     >>> bool(roc_auc_score(flipped, det.scores_) > 0.9)
     True
     >>> X_kept, y_kept = det.fit_resample(X, y_noisy)
-    >>> len(y_kept) == len(y_noisy) - det.label_issues_.sum()
+    >>> bool(len(y_kept) == len(y_noisy) - det.label_issues_.sum())
     True
     """
 
@@ -472,7 +477,7 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
             if counts.min() < self.cv:
                 c = classes[int(counts.argmin())]
                 raise ValueError(
-                    f"y: class {c!r} has {counts.min()} samples, fewer than cv={self.cv} "
+                    f"y: class {_plain(c)!r} has {counts.min()} samples, fewer than cv={self.cv} "
                     "folds; every fold's model must see every class. Lower cv or use "
                     "strategy='loo'."
                 )
@@ -599,7 +604,7 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
             if len(ranked) > limit[c]:
                 flags[ranked[limit[c]:]] = False
                 capped.append(
-                    f"class {classes[c]!r}: {limit[c]} of its {counts[c]} points flagged "
+                    f"class {_plain(classes[c])!r}: {limit[c]} of its {counts[c]} points flagged "
                     f"instead of {len(ranked)}"
                 )
         if capped:
