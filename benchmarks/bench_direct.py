@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from panels import MLP, panel_b, panel_c_datasets, panel_c_split
+from panels import MLP, panel_b, panel_c_datasets, panel_c_split, timed
 from scipy.stats import pearsonr
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -31,15 +31,6 @@ from skinfluence import DirectInfluenceScorer
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(2)
-
-
-def best_of(fn, repeats):
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def panel_b_direct(repeats: int):
@@ -57,8 +48,8 @@ def panel_b_direct(repeats: int):
         inf = DirectInfluence(model, F.cross_entropy, regularization=0.1).fit(dl)
         return inf.influences(Xte_t, yte_t, Xtr_t, ytr_t).numpy()
 
-    t_ours, I = best_of(ours, repeats)
-    t_theirs, J = best_of(theirs, repeats)
+    t_ours, I = timed(ours, repeats, warmup=False)
+    t_theirs, J = timed(theirs, repeats, warmup=False)
     rel = np.linalg.norm(I - J) / np.linalg.norm(J)
     return {
         "t_ours": t_ours, "t_pydvl": t_theirs, "pearson": pearsonr(I.ravel().astype(np.float64), J.ravel().astype(np.float64))[0],

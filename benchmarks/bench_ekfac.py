@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from panels import panel_b
+from panels import panel_b, timed
 from scipy.stats import pearsonr, spearmanr
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -51,18 +51,6 @@ OUR_VARIANTS = [
     ("skinfluence EkfacInfluenceScorer(update_diagonal=False) (K-FAC)", {"update_diagonal": False}),
 ]
 RESULTS = Path(__file__).parent / "results" / "ekfac.md"
-
-
-def timed(fn, repeats: int, warmup: bool = True):
-    """Best wall time of ``repeats`` runs (after one untimed run) and the last result."""
-    if warmup:
-        fn()
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def race(runners: dict, repeats: int) -> dict:

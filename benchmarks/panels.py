@@ -7,6 +7,8 @@ Panel C: wine / breast_cancer / digits / 2-d blobs with 10% flipped labels (dete
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -97,3 +99,15 @@ def panel_c_split(X, y, frac: float = 0.1):
     flipped = np.zeros(len(ytr), bool)
     flipped[idx] = True
     return Xtr, ynoisy.astype(np.int64), ytr.astype(np.int64), flipped, Xval, yval.astype(np.int64)
+
+
+def timed(fn, repeats: int, warmup: bool = True):
+    """Best wall time of ``repeats`` runs (after one untimed run unless ``warmup=False``) and the last result."""
+    if warmup:
+        fn()
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out

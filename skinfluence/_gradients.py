@@ -165,6 +165,35 @@ def mixed_projection(
     return vmap(jac)(X, Y)
 
 
+def influence_blocks(
+    adapter: ModelAdapter,
+    F: torch.Tensor,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    mode: str,
+    batch_size: int,
+    progress=None,
+) -> torch.Tensor:
+    """Influences of the points (X, Y) for rows of factors ``F`` (k, p).
+
+    "up": ``F @ grad l(x_j, y_j)`` for each j, shape (k, n). "perturbation": its
+    derivative with respect to ``x_j``, shape (k, n, *x_shape). Works through (X, Y)
+    ``batch_size`` points at a time, so only one batch of gradients is held; a pure
+    function of its arguments, so tiles can be computed anywhere.
+    """
+    steps = list(batch_slices(X.shape[0], batch_size))
+    blocks = []
+    for s in steps if progress is None else progress(steps, desc="influences"):
+        if mode == "up":
+            blocks.append(F @ per_sample_grads(adapter, X[s], Y[s]).T)
+        else:
+            blocks.append(mixed_projection(adapter, X[s], Y[s], F).transpose(0, 1))
+    if not blocks:
+        tail = () if mode == "up" else tuple(X.shape[1:])
+        return torch.zeros((F.shape[0], 0, *tail), dtype=F.dtype, device=F.device)
+    return torch.cat(blocks, 1)
+
+
 def _offsets(adapter: ModelAdapter) -> list[int]:
     offsets = [0]
     for k in adapter.sizes:

@@ -31,7 +31,8 @@ import torch
 from sklearn.utils.validation import check_array
 
 from ._adapters import build_adapter
-from ._gradients import batch_slices, mixed_projection, per_sample_grads
+from ._gradients import influence_blocks
+from .scorers import _progress
 
 __all__ = [
     "InverseHvpResult",
@@ -255,15 +256,6 @@ def _input_gradient_setup(model, input_data, influence_factors, loss, params, dt
     return adapter, Xt, Yt, F
 
 
-def _batches(n, batch_size, progress, desc):
-    steps = list(batch_slices(n, batch_size))
-    if not progress:
-        return steps
-    from tqdm.auto import tqdm
-
-    return tqdm(steps, desc=desc, leave=False)
-
-
 def compute_influences_up(
     model,
     input_data,
@@ -314,13 +306,9 @@ def compute_influences_up(
     adapter, X, Y, F = _input_gradient_setup(
         model, input_data, influence_factors, loss, params, dtype, device
     )
-    out = []
     with adapter.eval_mode():
-        for s in _batches(X.shape[0], batch_size, progress, "influences"):
-            out.append(F @ per_sample_grads(adapter, X[s], Y[s]).T)
-    if not out:
-        return np.zeros((F.shape[0], 0))
-    return torch.cat(out, 1).cpu().numpy()
+        I = influence_blocks(adapter, F, X, Y, "up", batch_size, _progress(progress))
+    return I.cpu().numpy()
 
 
 def compute_influences_pert(
@@ -374,13 +362,9 @@ def compute_influences_pert(
     adapter, X, Y, F = _input_gradient_setup(
         model, input_data, influence_factors, loss, params, dtype, device
     )
-    out = []
     with adapter.eval_mode():
-        for s in _batches(X.shape[0], batch_size, progress, "influences"):
-            out.append(mixed_projection(adapter, X[s], Y[s], F).transpose(0, 1))
-    if not out:
-        return np.zeros((F.shape[0], 0, *X.shape[1:]))
-    return torch.cat(out, 1).cpu().numpy()
+        I = influence_blocks(adapter, F, X, Y, "perturbation", batch_size, _progress(progress))
+    return I.cpu().numpy()
 
 
 def compute_influences(

@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 from torch.func import grad, vmap
 
 from ._adapters import BINARY, CLASS_INDEX, build_adapter
-from ._gradients import batch_slices, mixed_projection, per_sample_grads
+from ._gradients import batch_slices, influence_blocks, per_sample_grads
 from .solvers import (
     ArnoldiSolver,
     CgSolver,
@@ -145,8 +145,6 @@ class InfluenceScorer(BaseEstimator):
 
     def _check_y(self, y, n, name, xname):
         y = check_array(y, ensure_2d=False, dtype=None, input_name=name, ensure_all_finite=True)
-        if y.dtype.kind in "fc" and not np.isfinite(y).all():
-            raise ValueError(f"Input {name} contains NaN or infinity.")
         if y.shape[0] != n:
             raise ValueError(
                 f"{name} has {y.shape[0]} samples but {xname} has {n}; pass one target "
@@ -284,20 +282,13 @@ class InfluenceScorer(BaseEstimator):
         check_is_fitted(self)
         Xte, Yte = self._data(X_test, y_test, "X_test", "y_test")
         Xtr, Ytr = self._data(X, y, "X", "y")
-        progress = _progress(self.progress)
         a = self.adapter_
         with a.eval_mode():
             F = self._factors(Xte, Yte)
-            blocks = []
-            for s in _iterate(progress, list(batch_slices(Xtr.shape[0], self.batch_size)), "influences"):
-                if self.mode == "up":
-                    blocks.append(F @ per_sample_grads(a, Xtr[s], Ytr[s]).T)
-                else:
-                    J = mixed_projection(a, Xtr[s], Ytr[s], F)  # (b, m, *x)
-                    blocks.append(J.transpose(0, 1))
-            if not blocks:
-                return np.zeros((Xte.shape[0], 0) + (() if self.mode == "up" else self.x_shape_))
-            return self._numpy(torch.cat(blocks, 1))
+            I = influence_blocks(
+                a, F, Xtr, Ytr, self.mode, self.batch_size, _progress(self.progress)
+            )
+        return self._numpy(I)
 
     @_doc
     def transform(self, X, y=None):
