@@ -45,7 +45,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 REG = 0.1
 OUR_VARIANTS = [
-    ("skinfluence EkfacInfluenceScorer() [fisher='gauss-newton']", {}),
+    ("skinfluence EkfacInfluenceScorer() [fisher='gauss-newton', basis_iter=2]", {}),
+    ("skinfluence EkfacInfluenceScorer(basis_iter=0) (K-FAC eigenbasis)", {"basis_iter": 0}),
     ("skinfluence EkfacInfluenceScorer(fisher='true', random_state=0)", {"fisher": "true", "random_state": 0}),
     ("skinfluence EkfacInfluenceScorer(fisher='empirical')", {"fisher": "empirical"}),
     ("skinfluence EkfacInfluenceScorer(update_diagonal=False) (K-FAC)", {"update_diagonal": False}),

@@ -24,7 +24,12 @@ Both factors are eigendecomposed in float64, ``A = Q_A L_A Q_A^T`` and
 ``L_S[o] * L_A[i]``; EK-FAC (George et al., 2018) replaces them by the exact second
 moments of the per-sample gradients projected on that basis,
 ``E[(Q_S^T G Q_A)[o, i]^2]``: the best diagonal approximation of the curvature in
-that basis. The regularization is added to these eigenvalues (as pyDVL does), and so
+that basis. How good that is depends on the basis. K-FAC's factors treat
+activations and output gradients as independent; before the correction, the
+factors are moved towards the nearest Kronecker product of the layer's block
+(``basis_iter`` alternating updates, each reweighting one factor's covariance by
+the other factor's quadratic form), which makes the block closer to diagonal in
+the eigenbasis and the corrected approximation closer to the curvature. The regularization is added to these eigenvalues (as pyDVL does), and so
 is the diagonal, in the same basis, of the estimator's own L2 penalty.
 
 ``g`` comes from one of three Fisher variants:
@@ -385,6 +390,11 @@ class EkfacSolver(Solver):
         How output gradients are formed (see the module docstring).
     update_diagonal : bool, default=True
         EK-FAC's eigenvalue correction; False gives plain K-FAC.
+    basis_iter : int, default=2
+        With ``update_diagonal=True``: alternating updates that move each layer's
+        factors towards the nearest Kronecker product of its curvature block before
+        their eigenbasis is taken (two passes over the data each); 0 keeps the
+        eigenbasis of the K-FAC factors.
     random_state : int, RandomState or None
         Seeds the labels of the "true" Fisher.
 
@@ -409,10 +419,13 @@ class EkfacSolver(Solver):
     True
     """
 
-    def __init__(self, layers=None, fisher="gauss-newton", update_diagonal=True, random_state=None):
+    def __init__(
+        self, layers=None, fisher="gauss-newton", update_diagonal=True, basis_iter=2, random_state=None
+    ):
         self.layers = layers
         self.fisher = fisher
         self.update_diagonal = update_diagonal
+        self.basis_iter = basis_iter
         self.random_state = random_state
 
     # ------------------------------------------------------------ passes
@@ -545,22 +558,28 @@ class EkfacSolver(Solver):
                 A[name] += (act2.T @ act2).to(f64)
                 S[name] += (g2.T @ g2).to(f64)
                 positions[name] += act2.shape[0]
+        def passes(desc):
+            for k, s in enumerate(self._batches(n, progress, desc)):
+                if cache is not None:
+                    yield cache[k]
+                else:
+                    yield self._layer_data(X[s], Y[s], how, None if noise is None else noise[s])
+
         self.factors_, self.eigenvalues_, self.basis_, self.basis64_ = {}, {}, {}, {}
         for lay in self.layers_:
-            Af = A[lay.name] / positions[lay.name]
-            Sf = S[lay.name] / n
+            self.factors_[lay.name] = (A[lay.name] / positions[lay.name], S[lay.name] / n)
+        kron = self.factors_
+        if self.update_diagonal and self.basis_iter:
+            kron = self._nearest_kronecker(kron, passes)
+        for lay in self.layers_:
+            Af, Sf = kron[lay.name]
             la, qa = torch.linalg.eigh(0.5 * (Af + Af.T))
             ls, qs = torch.linalg.eigh(0.5 * (Sf + Sf.T))
-            self.factors_[lay.name] = (Af, Sf)
             self.eigenvalues_[lay.name] = torch.outer(ls.clamp_min(0), la.clamp_min(0))
             self._set_basis(lay.name, qs, qa)
         if self.update_diagonal:
             diag = {name: torch.zeros_like(v) for name, v in self.eigenvalues_.items()}
-            for k, s in enumerate(self._batches(n, progress, "EK-FAC eigenvalues")):
-                if cache is not None:
-                    data = cache[k]
-                else:
-                    data = self._layer_data(X[s], Y[s], how, None if noise is None else noise[s])
+            for data in passes("EK-FAC eigenvalues"):
                 for name, (act, g) in data.items():
                     qs, qa = self.basis_[name]
                     aq, gq = act @ qa, g @ qs
@@ -573,6 +592,44 @@ class EkfacSolver(Solver):
         self.penalty_ = self._penalty_diagonal()
         self._set_inverse()
         return self
+
+    def _nearest_kronecker(self, factors: dict, passes) -> dict:
+        """Move each layer's factors towards the nearest Kronecker product of its block.
+
+        The block is ``C = sum a a^T (x) g g^T`` over samples, positions and output
+        gradient columns. ``S (x) A`` is closest to it in Frobenius norm when
+        ``A ~ sum <g g^T, S> a a^T`` and ``S ~ sum <a a^T, A> g g^T`` (Van Loan &
+        Pitsianis, 1993); alternating these updates from the K-FAC factors is a power
+        iteration for that pair. K-FAC's factors assume activations and output
+        gradients independent; the weights correct for their dependence, which gives
+        an eigenbasis in which the curvature is closer to diagonal. Each update is
+        one pass over the data; only the eigenbases are used (the eigenvalues are
+        refitted), so the factors' scale does not matter and each is normalised to
+        unit trace.
+        """
+        f64, dt = torch.float64, self.adapter_.dtype
+        cur = {name: [Af / Af.trace().clamp_min(1e-300), Sf / Sf.trace().clamp_min(1e-300)]
+               for name, (Af, Sf) in factors.items()}
+        for _ in range(int(self.basis_iter)):
+            for which in (0, 1):  # A from S, then S from the new A
+                acc = {name: torch.zeros_like(v[which]) for name, v in cur.items()}
+                for data in passes("Kronecker basis"):
+                    for name, (act, g) in data.items():
+                        Af, Sf = (m.to(dt) for m in cur[name])
+                        act2 = act.reshape(-1, act.shape[-1])
+                        g3 = g.reshape(g.shape[0], -1, g.shape[-1])
+                        if which == 0:
+                            w = ((g3 @ Sf) * g3).sum((0, 2))
+                            acc[name] += ((act2 * w[:, None]).T @ act2).to(f64)
+                        else:
+                            u = ((act2 @ Af) * act2).sum(1)
+                            g2 = g3.reshape(-1, g3.shape[-1])
+                            acc[name] += ((g3 * u[None, :, None]).reshape(-1, g3.shape[-1]).T @ g2).to(f64)
+                for name, M in acc.items():
+                    tr = float(M.trace())
+                    if tr > 0:  # an all-zero update (no signal) keeps the previous factor
+                        cur[name][which] = M / tr
+        return {name: (Af, Sf) for name, (Af, Sf) in cur.items()}
 
     def _set_basis(self, name, qs, qa):
         self.basis64_[name] = (qs, qa)
