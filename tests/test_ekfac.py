@@ -142,7 +142,7 @@ def _nearest_kronecker(block):
     each row is one (o, o') sub-block, i.e. the nearest S (x) A in Frobenius norm."""
     d_out, d_in = block.shape[0], block.shape[1]
     R = block.permute(0, 2, 1, 3).reshape(d_out * d_out, d_in * d_in)
-    U, sv, Vh = torch.linalg.svd(R)
+    U, _, Vh = torch.linalg.svd(R)
     S, A = U[:, 0].reshape(d_out, d_out), Vh[0].reshape(d_in, d_in)
     return S * torch.sign(S.trace()), A * torch.sign(A.trace())
 
