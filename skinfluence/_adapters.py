@@ -82,6 +82,8 @@ def _replace_mse(loss):
 class _FlatLogit:
     """A binary classifier's output reshaped to (n,), as skorch's binary net does."""
 
+    is_linear = True
+
     def __call__(self, out):
         return out.reshape(-1)
 
@@ -91,6 +93,11 @@ class _FirstOutput:
 
     def __init__(self, then=None):
         self.then = then
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether the transform is linear in the output (a selection or reshape)."""
+        return self.then is None or bool(getattr(self.then, "is_linear", False))
 
     def __call__(self, out):
         if isinstance(out, (tuple, list)):

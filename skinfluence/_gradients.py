@@ -115,6 +115,10 @@ def dense_curvature(
             blk = H[sl, sl]
             H[sl, sl] = 0.5 * (blk + blk.T)
         return H / n
+    plan = _linear_plan(adapter, X, output_layer=True)
+    if plan is not None:
+        # the output is linear in the parameters: Gauss-Newton = Hessian
+        return _linear_hessian(adapter, X, Y, plan, batch_size, progress)
     eye = torch.eye(p, dtype=adapter.dtype, device=adapter.device)
     steps = [(s, b) for s in batch_slices(n, batch_size) for b in batch_slices(p, block)]
     for s, b in steps if progress is None else progress(steps, desc="Gauss-Newton"):
@@ -201,13 +205,16 @@ def _offsets(adapter: ModelAdapter) -> list[int]:
     return offsets
 
 
-def _linear_plan(adapter: ModelAdapter, X: torch.Tensor):
+def _linear_plan(adapter: ModelAdapter, X: torch.Tensor, output_layer: bool = False):
     """Linear layers in forward order, when the structured exact Hessian applies.
 
     It applies when every selected parameter is the weight or bias of an
     ``nn.Linear`` that runs exactly once per forward pass on 2-d input and shares no
     tensor with another module. Returns [(layer, weight name or None, bias name or
-    None)] in the order the layers run, or None.
+    None)] in the order the layers run, or None. With ``output_layer=True`` it also
+    requires a single such layer whose output is the model's output, unchanged: the
+    output is then linear in the selected parameters, and the Gauss-Newton matrix
+    equals the Hessian (a linear model, or the last layer of a network).
     """
     module = adapter.module
     if len(list(module.named_parameters(remove_duplicate=False))) != len(
@@ -222,20 +229,25 @@ def _linear_plan(adapter: ModelAdapter, X: torch.Tensor):
     if not all(n in owner for n in adapter.param_names):
         return None
     layers = {id(owner[n][0]): owner[n][0] for n in adapter.param_names}
-    calls, shapes = [], []
+    if output_layer and len(layers) != 1:
+        return None
+    calls, shapes, outputs = [], [], []
 
     def record(mod, inputs, output):
         calls.append(id(mod))
         shapes.append(inputs[0].dim())
+        outputs.append(output)
 
     hooks = [m.register_forward_hook(record) for m in layers.values()]
     try:
         with torch.no_grad(), adapter.eval_mode():
-            functional_call(module, {**adapter.params, **adapter.frozen}, (X[:2],))
+            final = functional_call(module, {**adapter.params, **adapter.frozen}, (X[:2],))
     finally:
         for h in hooks:
             h.remove()
     if sorted(calls) != sorted(layers) or len(set(calls)) != len(calls) or set(shapes) != {2}:
+        return None
+    if output_layer and not (outputs[0] is final and adapter.output_transform.is_linear):
         return None
     plan = []
     for i in calls:
@@ -282,7 +294,11 @@ def _linear_hessian(adapter, X, Y, plan, batch_size, progress):
         for k, (_, wc, bc) in enumerate(plan[t:]):
             Dd = d_delta[k]  # (b, out_t, out_c): d delta_c / d z_t
             if k == 0:
-                put(wt, wc, torch.einsum("ik,ij,ioq->okqj", at, at, Dd))
+                # sum_i at[i,k] at[i,j] Dd[i,o,q] as one matrix product
+                b_, d_ = at.shape
+                M = (at[:, :, None] * Dd.reshape(b_, 1, -1)).reshape(b_, -1)
+                ww = (at.T @ M).reshape(d_, d_, *Dd.shape[1:])  # (j, k, o, q)
+                put(wt, wc, ww.permute(2, 1, 3, 0))
                 put(wt, bc, torch.einsum("ik,ioq->okq", at, Dd))
                 put(bt, bc, Dd.sum(0))
                 continue

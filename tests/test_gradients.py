@@ -159,3 +159,37 @@ def test_structured_hessian_skorch_probabilities(skorch_net, wine):
     E = torch.eye(a.n_params, dtype=torch.float64)
     generic = curvature_mv(a, Xt, Yt, E, "exact") / len(Xt)
     torch.testing.assert_close(dense_curvature(a, Xt, Yt, "exact", batch_size=16), 0.5 * (generic + generic.T), rtol=1e-9, atol=1e-12)
+
+
+def _gauss_newton_cases(skorch_net):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(13, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    yield "last layer of a network", mlp, {"loss": F.cross_entropy, "params": "2"}, True
+    yield "whole network", mlp, {"loss": F.cross_entropy}, False
+    yield "first layer", mlp, {"loss": F.cross_entropy, "params": "0"}, False
+    soft = torch.nn.Sequential(torch.nn.Linear(13, 3), torch.nn.Softmax(-1)).double()
+    yield "softmax after the layer", soft, {"loss": lambda p, y: F.nll_loss(torch.log(p), y)}, False
+    yield "skorch probabilities", skorch_net, {"dtype": "float64", "params": "out"}, False
+    lr = LogisticRegression(max_iter=500)
+    yield "logistic regression", lr, {}, True
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_gauss_newton_of_an_output_layer_is_its_hessian(skorch_net, wine, case):
+    """Where the selected parameters are one Linear layer whose output is the model's
+    output, the dense Gauss-Newton matrix is built by the structured Hessian; it must
+    equal the generic Gauss-Newton products, and other models must keep those."""
+    from skinfluence._gradients import _linear_plan
+
+    name, model, kw, structured = list(_gauss_newton_cases(skorch_net))[case]
+    Xtr, ytr, _, _ = wine
+    X = Xtr[:60].astype(np.float32) if name == "skorch probabilities" else Xtr[:60]
+    if name == "logistic regression":
+        model.fit(Xtr, ytr)
+    a, Xt, Yt = _bound(model, X, ytr[:60], **kw)
+    assert (_linear_plan(a, Xt, output_layer=True) is not None) == structured, name
+    E = torch.eye(a.n_params, dtype=a.dtype)
+    generic = curvature_mv(a, Xt, Yt, E, "gauss-newton") / len(Xt)
+    for bs in (9, 60):
+        torch.testing.assert_close(dense_curvature(a, Xt, Yt, "gauss-newton", batch_size=bs),
+                                   0.5 * (generic + generic.T), rtol=1e-9, atol=1e-12)
