@@ -72,11 +72,16 @@ def panel_c_datasets():
     for name, loader in [("wine", load_wine), ("breast_cancer", load_breast_cancer), ("digits", load_digits)]:
         X, y = loader(return_X_y=True)
         yield name, X, y
-    rng = np.random.default_rng(1)
-    n = 1000
+    yield "blobs", *draw_blobs(1000, seed=1)
+
+
+def draw_blobs(n: int, seed: int):
+    """Panel C's 2-d blobs: equally likely classes, Gaussians of standard deviation
+    0.5 around (-0.5, -0.5) and (0.5, 0.5); the Bayes rule is x1 + x2 > 0."""
+    rng = np.random.default_rng(seed)
     yb = rng.integers(0, 2, n)
     means = np.array([[-0.5, -0.5], [0.5, 0.5]])
-    yield "blobs", means[yb] + 0.5 * rng.standard_normal((n, 2)), yb
+    return means[yb] + 0.5 * rng.standard_normal((n, 2)), yb
 
 
 def panel_c_split(X, y, frac: float = 0.1):
