@@ -188,6 +188,20 @@ def test_refined_basis_brings_ekfac_closer_to_the_curvature(torch_mlp, wine):
                                    rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("fisher", ["gauss-newton", "true"])
+def test_passes_without_the_activation_cache_give_the_same_result(torch_mlp, wine, fisher, monkeypatch):
+    """Where activations are too many to keep, every pass recomputes them (with the
+    same sampled labels for the "true" Fisher); the result must not change."""
+    from skinfluence.solvers import ekfac
+
+    Xtr, ytr, Xte, yte = wine
+    kw = {"fisher": fisher, "random_state": 0, "batch_size": 23}
+    cached = _ekfac(torch_mlp, **kw).fit(Xtr, ytr).influences(Xte, yte)
+    monkeypatch.setattr(ekfac, "_CACHE_ELEMENTS", 0)
+    recomputed = _ekfac(torch_mlp, **kw).fit(Xtr, ytr).influences(Xte, yte)
+    np.testing.assert_allclose(recomputed, cached, rtol=1e-10, atol=1e-13)
+
+
 def test_basis_iter_is_ignored_by_kfac(torch_mlp, wine):
     Xtr, ytr, Xte, yte = wine
     a = _ekfac(torch_mlp, update_diagonal=False, basis_iter=0).fit(Xtr, ytr).influences(Xte, yte)
