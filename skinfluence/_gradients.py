@@ -247,7 +247,7 @@ def _linear_plan(adapter: ModelAdapter, X: torch.Tensor, output_layer: bool = Fa
             h.remove()
     if sorted(calls) != sorted(layers) or len(set(calls)) != len(calls) or set(shapes) != {2}:
         return None
-    if output_layer and not (outputs[0] is final and adapter.output_transform.is_linear):
+    if output_layer and not (outputs[0] is final and getattr(adapter.output_transform, "is_linear", False)):
         return None
     plan = []
     for i in calls:

@@ -554,10 +554,12 @@ class EkfacInfluenceScorer(InfluenceScorer):
     patches); with ``update_diagonal=True`` its eigenvalues are refitted from
     per-sample gradients projected on the Kronecker eigenbasis (EK-FAC, George et al.
     2018), after the factors have been moved towards the nearest Kronecker product of
-    the block (``basis_iter``), which gives a better basis. ``regularization`` is added to those eigenvalues, as in pyDVL's
-    ``EkfacInfluence``, together with the diagonal of the estimator's own L2 penalty
-    in the same basis. The factors take two passes over the training data, and
-    influences need no Hessian-vector products.
+    the block (``basis_iter``), which gives a better basis. ``regularization`` is
+    added to those eigenvalues, as in pyDVL's ``EkfacInfluence``, together with the
+    diagonal of the estimator's own L2 penalty in the same basis. The factors take
+    ``2 + 2 * basis_iter`` passes over the training data (all but the first over
+    activations kept in memory when they fit), and influences need no
+    Hessian-vector products.
 
     {SIGN_AND_SCALE} Here H is the EK-FAC approximation of the Gauss-Newton (Fisher)
     matrix, block diagonal over layers; on a non-convex model it differs from the

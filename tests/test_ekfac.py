@@ -202,6 +202,15 @@ def test_passes_without_the_activation_cache_give_the_same_result(torch_mlp, win
     np.testing.assert_allclose(recomputed, cached, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("value", [-1, 1.5, "2"])
+def test_basis_iter_must_be_a_non_negative_integer(torch_mlp, wine, value):
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    Xtr, ytr, _, _ = wine
+    with pytest.raises(InvalidParameterError, match="'basis_iter' parameter of EkfacInfluenceScorer"):
+        _ekfac(torch_mlp, basis_iter=value).fit(Xtr, ytr)
+
+
 def test_basis_iter_is_ignored_by_kfac(torch_mlp, wine):
     Xtr, ytr, Xte, yte = wine
     a = _ekfac(torch_mlp, update_diagonal=False, basis_iter=0).fit(Xtr, ytr).influences(Xte, yte)

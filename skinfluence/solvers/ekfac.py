@@ -78,7 +78,7 @@ SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 # Elements of the (test rows x layer outputs x train batch) intermediate of one
 # pairwise contraction; bounds its memory (64 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 24
-# Activations and output gradients kept between the two passes of fit, at most.
+# Activations and output gradients kept between the passes of fit, at most.
 _CACHE_ELEMENTS = 1 << 25
 
 
@@ -602,8 +602,8 @@ class EkfacSolver(Solver):
         Pitsianis, 1993); alternating these updates from the K-FAC factors is a power
         iteration for that pair. K-FAC's factors assume activations and output
         gradients independent; the weights correct for their dependence, which gives
-        an eigenbasis in which the curvature is closer to diagonal. Each update is
-        one pass over the data; only the eigenbases are used (the eigenvalues are
+        an eigenbasis in which the curvature is closer to diagonal. Each half of an
+        iteration (A, then S) is one pass over the data; only the eigenbases are used (the eigenvalues are
         refitted), so the factors' scale does not matter and each is normalised to
         unit trace.
         """
@@ -613,18 +613,18 @@ class EkfacSolver(Solver):
         for _ in range(int(self.basis_iter)):
             for which in (0, 1):  # A from S, then S from the new A
                 acc = {name: torch.zeros_like(v[which]) for name, v in cur.items()}
+                other = {name: v[1 - which].to(dt) for name, v in cur.items()}  # weights from
                 for data in passes("Kronecker basis"):
                     for name, (act, g) in data.items():
-                        Af, Sf = (m.to(dt) for m in cur[name])
-                        act2 = act.reshape(-1, act.shape[-1])
-                        g3 = g.reshape(g.shape[0], -1, g.shape[-1])
-                        if which == 0:
-                            w = ((g3 @ Sf) * g3).sum((0, 2))
+                        act2 = act.reshape(-1, act.shape[-1])  # (positions, d_in)
+                        g3 = g.reshape(g.shape[0], -1, g.shape[-1])  # (columns, positions, d_out)
+                        if which == 0:  # weight each position by <g g^T, S>
+                            w = ((g3 @ other[name]) * g3).sum((0, 2))
                             acc[name] += ((act2 * w[:, None]).T @ act2).to(f64)
-                        else:
-                            u = ((act2 @ Af) * act2).sum(1)
+                        else:  # weight each position by <a a^T, A>
+                            u = ((act2 @ other[name]) * act2).sum(1)
                             g2 = g3.reshape(-1, g3.shape[-1])
-                            acc[name] += ((g3 * u[None, :, None]).reshape(-1, g3.shape[-1]).T @ g2).to(f64)
+                            acc[name] += ((g3 * u[:, None]).reshape(-1, g3.shape[-1]).T @ g2).to(f64)
                 for name, M in acc.items():
                     tr = float(M.trace())
                     if tr > 0:  # an all-zero update (no signal) keeps the previous factor
