@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from sklearn.utils import check_random_state
 
@@ -13,7 +15,7 @@ def flip_labels(y, fraction=0.1, *, noise_matrix=None, random_state=None):
 
     Parameters
     ----------
-    y : array-like of shape (n_samples,)
+    y : array-like or pandas Series of shape (n_samples,)
         Clean labels (any hashable values; at least two classes).
     fraction : float, default=0.1
         Share of the samples whose label is changed, in [0, 1).
@@ -27,11 +29,12 @@ def flip_labels(y, fraction=0.1, *, noise_matrix=None, random_state=None):
 
     Returns
     -------
-    y_noisy : ndarray of shape (n_samples,)
+    y_noisy : ndarray or pandas Series of shape (n_samples,)
         Labels with ``round(fraction * n_samples)`` entries changed. ``y`` itself is
-        left untouched.
-    flipped : ndarray of bool, shape (n_samples,)
-        True where the label was changed.
+        left untouched. A Series ``y`` gives a Series with its index, name and dtype.
+    flipped : ndarray or pandas Series of bool, shape (n_samples,)
+        True where the label was changed; a Series with ``y``'s index when ``y`` is
+        one.
 
     Examples
     --------
@@ -39,7 +42,13 @@ def flip_labels(y, fraction=0.1, *, noise_matrix=None, random_state=None):
     >>> y_noisy, flipped = flip_labels([0, 1, 2, 0, 1, 2, 0, 1, 2, 0], 0.2, random_state=0)
     >>> int(flipped.sum())
     2
+    >>> import pandas as pd
+    >>> s = pd.Series(["a", "b", "a", "b"], index=[10, 11, 12, 13], name="label")
+    >>> s_noisy, s_flipped = flip_labels(s, 0.5, random_state=0)
+    >>> s_noisy.index.tolist(), s_noisy.name, int(s_flipped.sum())
+    ([10, 11, 12, 13], 'label', 2)
     """
+    series = _as_series_like(y)
     y = np.asarray(y)
     if y.ndim != 1:
         raise ValueError(f"y must be 1-dimensional, got shape {y.shape}.")
@@ -71,7 +80,21 @@ def flip_labels(y, fraction=0.1, *, noise_matrix=None, random_state=None):
         y_noisy[i] = classes[rng.choice(k, p=T[codes[i]])]
     flipped = np.zeros(n, bool)
     flipped[idx] = True
+    if series is not None:
+        pd = sys.modules["pandas"]
+        noisy = pd.Series(y_noisy, index=series.index, name=series.name)
+        try:
+            noisy = noisy.astype(series.dtype)
+        except (TypeError, ValueError):  # a dtype the flipped values cannot take
+            pass
+        return noisy, pd.Series(flipped, index=series.index, name="flipped")
     return y_noisy, flipped
+
+
+def _as_series_like(y):
+    """``y`` if it is a pandas Series (pandas is not imported unless it already is)."""
+    pd = sys.modules.get("pandas")
+    return y if pd is not None and isinstance(y, pd.Series) else None
 
 
 def make_blobs_2d(n_samples=1000, *, separation=1.0, scale=0.5, random_state=None):

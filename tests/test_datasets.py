@@ -75,3 +75,19 @@ def test_blobs_centres_and_spread():
     np.testing.assert_allclose(X[y == 0].mean(0), [-1, -1], atol=0.03)
     np.testing.assert_allclose(X[y == 1].mean(0), [1, 1], atol=0.03)
     np.testing.assert_allclose(X[y == 1].std(0), 0.3, atol=0.02)
+
+
+def test_a_series_keeps_its_index_name_and_dtype():
+    pd = pytest.importorskip("pandas")
+    y = pd.Series(np.repeat(["cat", "dog", "owl"], 20), index=np.arange(100, 160), name="animal")
+    y_noisy, flipped = flip_labels(y, 0.25, random_state=0)
+    assert isinstance(y_noisy, pd.Series) and isinstance(flipped, pd.Series)
+    pd.testing.assert_index_equal(y_noisy.index, y.index)
+    pd.testing.assert_index_equal(flipped.index, y.index)
+    assert y_noisy.name == "animal" and y_noisy.dtype == y.dtype
+    assert flipped.dtype == bool and int(flipped.sum()) == 15
+    pd.testing.assert_series_equal(flipped, (y_noisy != y).rename("flipped"))
+    # the same flips as for the plain array
+    a_noisy, a_flipped = flip_labels(y.to_numpy(), 0.25, random_state=0)
+    np.testing.assert_array_equal(y_noisy.to_numpy(), a_noisy)
+    np.testing.assert_array_equal(flipped.to_numpy(), a_flipped)
