@@ -6,7 +6,7 @@ Linear layers, gives the influence of every training image on one test image:
 
 * the distribution of those influences by training label: images of the test image's
   own class help (positive), a few mislabelled ones hurt;
-* the most and least influential training images, as image grids.
+* the most helpful and the most harmful training images, as image grids.
 
 Then :class:`~skinfluence.MislabelDetector` flags suspected wrong labels, and a network
 refit on the filtered training set is compared with the one fit on the noisy set.
@@ -100,7 +100,8 @@ def main(argv=None) -> None:
 
     shown = [f"{g} (was {t})" if f else str(g)
              for g, t, f in zip(y_noisy, y_train, flipped, strict=True)]
-    fig = plot_top_influential(row, X_train, n=8, labels=shown, reference=X_test[i])
+    fig = plot_top_influential(row, X_train, n=8, labels=shown, reference=X_test[i],
+                               reference_label=y_test[i])
     fig.savefig(args.output / "digits_top_influential.png", dpi=110)
     helpful, harmful = np.argsort(-row)[:8], np.argsort(row)[:8]
 

@@ -249,14 +249,18 @@ def plot_top_influential(
     labels=None,
     image_shape: tuple | None = None,
     reference=None,
+    reference_label=None,
     feature_names: Sequence[str] | None = None,
     max_features: int = 6,
     cmap: str = "gray_r",
 ) -> Figure:
-    """The most and least influential samples, as images or as table rows.
+    """The most helpful and the most harmful samples, as images or as table rows.
 
-    "Most influential" are the largest positive influences (the samples that help
-    most), "least" the most negative (those that hurt most).
+    "Most helpful" are the ``n`` largest influences (the samples whose removal would
+    raise the test loss most), "most harmful" the ``n`` smallest, most negative ones
+    (those whose removal would lower it most). The rows are ranks: when fewer than
+    ``n`` influences are negative, the harmful row ends with the least helpful ones;
+    the sign of each value is printed with it.
 
     Parameters
     ----------
@@ -274,6 +278,9 @@ def plot_top_influential(
         ``(h, w)`` to reshape flat rows of ``X`` into images.
     reference : array-like, default=None
         The test sample the influences are on, drawn first in each row (images only).
+    reference_label : object, default=None
+        The label of that test sample (e.g. its true class), shown with it and in the
+        figure's title, so that helpful and harmful samples can be read against it.
     feature_names : sequence of str, default=None
         Column headers of the table (tabular data only).
     max_features : int, default=6
@@ -291,12 +298,17 @@ def plot_top_influential(
     >>> from skinfluence.plotting import plot_top_influential
     >>> rng = np.random.default_rng(0)
     >>> X, values = rng.random((20, 64)), rng.normal(size=20)
-    >>> fig = plot_top_influential(values, X, n=3, labels=np.arange(20), image_shape=(8, 8))
+    >>> fig = plot_top_influential(values, X, n=3, labels=np.arange(20), image_shape=(8, 8),
+    ...                            reference=X[0], reference_label=7)
     >>> len(fig.axes)
-    6
+    8
+    >>> fig.axes[0].get_title().splitlines()
+    ['test point', 'label 7']
+    >>> [fig.axes[c].get_ylabel() for c in (1, 5)]
+    ['most helpful', 'most harmful']
     >>> fig = plot_top_influential(values, X[:, :4], n=2, feature_names=list("abcd"))
     >>> fig.axes[0].get_title()
-    'most and least influential samples'
+    'most helpful and most harmful samples'
     """
     v = _as_1d(values, "values")
     X = np.asarray(X)
@@ -320,13 +332,14 @@ def plot_top_influential(
         ncols = n + (reference is not None)
         fig, axes = plt.subplots(2, ncols, figsize=(1.5 * ncols + 0.5, 3.6), layout="constrained",
                                  squeeze=False)
-        rows = [(top, "most influential"), (bottom, "least influential")]
+        rows = [(top, "most helpful"), (bottom, "most harmful")]
+        ref_title = "test point" if reference_label is None else f"test point\nlabel {reference_label}"
         for r, (idx, title) in enumerate(rows):
             col0 = 0
             if reference is not None:
                 a = axes[r, 0]
                 a.imshow(np.asarray(reference).reshape(shape), cmap=cmap)
-                a.set_title("test point", fontsize=9)
+                a.set_title(ref_title, fontsize=9)
                 col0 = 1
             for c, i in enumerate(idx):
                 a = axes[r, col0 + c]
@@ -337,7 +350,8 @@ def plot_top_influential(
         for a in axes.ravel():
             a.set_xticks([])
             a.set_yticks([])
-        fig.suptitle("most (top row) and least (bottom row) influential samples", fontsize=10)
+        fig.suptitle("most helpful (top row) and most harmful (bottom row) samples"
+                     + _for_label(reference_label), fontsize=10)
         return fig
 
     X2 = X.reshape(len(X), -1)
@@ -349,7 +363,7 @@ def plot_top_influential(
     heads = list(feature_names[:k]) if feature_names is not None else [f"x{j}" for j in range(k)]
     cols = ["rank", "index", "influence"] + (["label"] if lab is not None else []) + heads
     rows = []
-    for name, idx in (("top", top), ("bottom", bottom)):
+    for name, idx in (("helpful", top), ("harmful", bottom)):
         for r, i in enumerate(idx):
             row = [f"{name} {r + 1}", str(i), f"{v[i]:+.3g}"]
             if lab is not None:
@@ -365,8 +379,12 @@ def plot_top_influential(
         shade = "#e5f5e0" if r < n else "#fde0dd"
         for c in range(len(cols)):
             table[r + 1, c].set_facecolor(shade)
-    ax.set_title("most and least influential samples")
+    ax.set_title("most helpful and most harmful samples" + _for_label(reference_label))
     return fig
+
+
+def _for_label(reference_label) -> str:
+    return "" if reference_label is None else f" for a test point of label {reference_label}"
 
 
 def plot_agreement(
@@ -442,9 +460,14 @@ def plot_feature_influence(
     *,
     absolute: bool = False,
     sort: bool = True,
+    title: str | None = "feature influence (perturbation mode)",
     ax: Axes | None = None,
 ) -> Axes:
     """Bar chart of the influence of each feature, averaged over all other axes.
+
+    A positive bar means that moving training points along that feature (``+e_k``)
+    makes them, on average, more helpful to the test points; see the perturbation
+    mode in the concepts guide.
 
     Parameters
     ----------
@@ -459,12 +482,16 @@ def plot_feature_influence(
         feature, whatever the direction. Signed means can cancel between points.
     sort : bool, default=True
         Order the bars by mean influence.
+    title : str or None, default="feature influence (perturbation mode)"
+        Axes title; None leaves it empty.
     ax : matplotlib Axes, default=None
         Where to draw; None makes a new figure.
 
     Returns
     -------
     ax : matplotlib Axes
+        Its x label says what a bar and a whisker are: the mean over the averaged
+        values and the standard error of that mean.
 
     Examples
     --------
@@ -475,6 +502,11 @@ def plot_feature_influence(
     >>> ax = plot_feature_influence(pert, ["alcohol", "ash", "hue"])
     >>> [t.get_text() for t in ax.get_yticklabels()]
     ['ash', 'hue', 'alcohol']
+    >>> ax.get_title()
+    'feature influence (perturbation mode)'
+    >>> print(ax.get_xlabel())
+    mean influence per feature (over 120 values)
+    whiskers: standard error of the mean
     >>> ax = plot_feature_influence(pert, ["alcohol", "ash", "hue"], absolute=True)
     >>> [t.get_text() for t in ax.get_yticklabels()]
     ['hue', 'ash', 'alcohol']
@@ -500,7 +532,13 @@ def plot_feature_influence(
             color=colors, error_kw={"elinewidth": 0.8, "ecolor": "grey"})
     ax.set_yticks(np.arange(d), [names[j] for j in order])
     ax.axvline(0.0, color="grey", lw=0.8)
-    ax.set_xlabel("mean |influence| per feature" if absolute else "mean influence per feature")
+    what = "mean |influence| per feature" if absolute else "mean influence per feature"
+    what += f" (over {F2.shape[0]} values)"
+    if sem is not None:
+        what += "\nwhiskers: standard error of the mean"
+    ax.set_xlabel(what)
+    if title is not None:
+        ax.set_title(title)
     return ax
 
 

@@ -114,6 +114,17 @@ def test_top_influential_images_pick_the_extremes(tmp_path):
     i = shown_top[0]
     assert np.array_equal(axes[0, 1].images[0].get_array(), X[i].reshape(8, 8))
     _render(fig, tmp_path / "grid.png")
+    # the rows say what they show: the largest influences help, the smallest harm
+    assert [axes[r, 1].get_ylabel() for r in (0, 1)] == ["most helpful", "most harmful"]
+    assert (values[shown_bottom] < 0).all()
+    assert "least" not in fig.get_suptitle()
+    assert "most harmful" in fig.get_suptitle()
+
+    fig = plot_top_influential(values, X, n=4, image_shape=(8, 8), reference=X[0],
+                               reference_label="seven")
+    axes = np.array(fig.axes).reshape(2, 5)
+    assert axes[0, 0].get_title() == axes[1, 0].get_title() == "test point\nlabel seven"
+    assert fig.get_suptitle().endswith("for a test point of label seven")
 
     fig = plot_top_influential(values, X.reshape(40, 8, 8), n=2)  # 3-d input: images too
     assert len(fig.axes) == 4
@@ -135,7 +146,12 @@ def test_top_influential_table_rows(tmp_path):
     index_col = [cells[r, 1].get_text().get_text() for r in range(1, 5)]
     assert index_col == ["2", "0", "1", "4"]  # top 2 then bottom 2
     assert cells[1, 4].get_text().get_text() == "6"  # row 2, first feature
+    ranks = [cells[r, 0].get_text().get_text() for r in range(1, 5)]
+    assert ranks == ["helpful 1", "helpful 2", "harmful 1", "harmful 2"]
+    assert fig.axes[0].get_title() == "most helpful and most harmful samples"
     _render(fig, tmp_path / "table.png")
+    fig = plot_top_influential(values, X, n=1, reference_label=3)
+    assert fig.axes[0].get_title() == "most helpful and most harmful samples for a test point of label 3"
     with pytest.raises(ValueError, match="feature_names has 2 names"):
         plot_top_influential(values, X, feature_names=["a", "b"])
 
@@ -171,6 +187,11 @@ def test_feature_influence_bars_are_means(tmp_path):
     err = ax.containers[0].lines[2][0].get_segments()
     sem = pert.reshape(-1, 4).std(0, ddof=1) / np.sqrt(75)
     assert np.allclose([seg[1, 0] - seg[0, 0] for seg in err], 2 * sem)
+    # the figure says what it shows and what the whiskers are
+    assert ax.get_title() == "feature influence (perturbation mode)"
+    assert "whiskers: standard error of the mean" in ax.get_xlabel()
+    assert "over 75 values" in ax.get_xlabel()
+    assert plot_feature_influence(pert, title=None).get_title() == ""
     ax3 = plot_feature_influence(-np.abs(pert), absolute=True, sort=False)
     assert np.allclose([p.get_width() for p in ax3.patches], np.abs(pert).mean(axis=(0, 1)))
     with pytest.raises(ValueError, match="feature_names has 2 names"):
