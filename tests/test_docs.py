@@ -134,3 +134,7 @@ def test_mkdocs_build_strict(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     api = (tmp_path / "site" / "api" / "scorers" / "index.html").read_text()
     assert "DirectInfluenceScorer" in api and "Examples" in api
+    # value sets render as written, not parsed as code ("gauss-newton" as gauss - newton)
+    assert "gauss - newton" not in api
+    assert "<code>{&#34;exact&#34;, &#34;gauss-newton&#34;}</code>" in api
+    assert not (tmp_path / "site" / "hooks").exists()  # the build's own code stays out
