@@ -138,3 +138,19 @@ def test_mkdocs_build_strict(tmp_path):
     assert "gauss - newton" not in api
     assert "<code>{&#34;exact&#34;, &#34;gauss-newton&#34;}</code>" in api
     assert not (tmp_path / "site" / "hooks").exists()  # the build's own code stays out
+
+
+def test_direct_speed_up_is_the_one_of_its_results_file():
+    """README and the method guide quote the Direct speed-up of the same run
+    (benchmarks/results/matrix_free.md, panel B), and name the two-thread run too."""
+    results = (ROOT / "benchmarks" / "results" / "matrix_free.md").read_text()
+    panel_b = results.split("<!-- panel-b -->")[1].split("<!-- /panel-b -->")[0]
+    measured = re.search(r"^\| Direct \|[^|]*\|[^|]*\| ([\d.]+x) \|", panel_b, re.M).group(1)
+    readme = (ROOT / "README.md").read_text()
+    guide = (DOCS / "choosing-a-method.md").read_text()
+    assert re.search(r"^\s*\| `DirectInfluenceScorer` \| ([\d.]+x) \|", readme, re.M).group(1) == measured
+    assert re.search(r"^\| Direct \|[^|]*\|[^|]*\| ([\d.]+x) \|", guide, re.M).group(1) == measured
+    two_threads = (ROOT / "benchmarks" / "results" / "direct.md").read_text()
+    other = re.search(r"^\| panel B[^|]*\|[^|]*\|[^|]*\| ([\d.]+x) \|", two_threads, re.M).group(1)
+    for page in (readme, guide):
+        assert other in page and "benchmarks/results/direct.md" in page
