@@ -154,3 +154,18 @@ def test_direct_speed_up_is_the_one_of_its_results_file():
     other = re.search(r"^\| panel B[^|]*\|[^|]*\|[^|]*\| ([\d.]+x) \|", two_threads, re.M).group(1)
     for page in (readme, guide):
         assert other in page and "benchmarks/results/direct.md" in page
+
+
+def test_getting_started_installs_from_a_clone_as_the_readme_does():
+    """No registry serves skinfluence: the install is the README's, from a clone, and
+    every extra of pyproject.toml is named."""
+    import tomllib
+
+    page = (DOCS / "getting-started.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert not re.search(r"pip install \"?skinfluence\b", page)
+    command = 'python3.11 -m venv .venv && .venv/bin/pip install -q torch==2.13.0 && .venv/bin/pip install -q -e ".[plot]"'
+    assert command in readme and command in page
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra in extras:
+        assert f"| `{extra}` |" in page, f"extra {extra!r} not described in getting-started.md"
