@@ -21,6 +21,7 @@ model and data, by retraining:
 
 from __future__ import annotations
 
+import pickle
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -118,6 +119,8 @@ def _outcomes(est, X_test, y_test, classifier: bool) -> dict:
 def _refit(estimator, X, y, keep, X_test, y_test, seeds, classifier):
     """Refit a clone on the kept points once per seed; the mean outcomes and seconds."""
     start = time.perf_counter()
+    if isinstance(estimator, bytes):
+        estimator = pickle.loads(estimator)
     runs = []
     for seed in seeds:
         est = clone(estimator)
@@ -134,8 +137,19 @@ def _refit(estimator, X, y, keep, X_test, y_test, seeds, classifier):
 
 
 def _run_refits(estimator, X, y, masks, X_test, y_test, seeds, classifier, n_jobs, progress, desc):
-    from joblib import Parallel, delayed
+    from joblib import Parallel, delayed, effective_n_jobs
 
+    if effective_n_jobs(n_jobs) != 1:
+        # By value, so that a module class defined in a script or notebook (__main__)
+        # reaches the worker processes.
+        try:
+            import cloudpickle
+        except ImportError:  # joblib < 1.5 vendors it
+            from joblib.externals import cloudpickle
+
+        # An unfitted clone: a fitted skorch net pickles its module with torch.save,
+        # which would refer to the class by name again.
+        estimator = cloudpickle.dumps(clone(estimator))
     tasks = (
         delayed(_refit)(estimator, X, y, keep, X_test, y_test, seeds, classifier) for keep in masks
     )
@@ -1118,7 +1132,7 @@ class InfluenceMethod(BaseEstimator):
         self.scorer = scorer
 
     def __sklearn_clone__(self):
-        return type(self)(scorer=clone(self.scorer))
+        return type(self)(scorer=None if self.scorer is None else clone(self.scorer))
 
     def fit(self, X, y):
         """Fit a clone of ``scorer`` on the training data.
