@@ -169,3 +169,41 @@ def test_getting_started_installs_from_a_clone_as_the_readme_does():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for extra in extras:
         assert f"| `{extra}` |" in page, f"extra {extra!r} not described in getting-started.md"
+
+
+def test_concepts_says_what_a_perturbation_sign_means_and_it_holds():
+    """concepts.md: moving x_j along +e_k by eps changes I[i, j] by eps * P[i, j, k] and,
+    once refit, the test loss by about -eps * P[i, j, k] / n_train. Checked by refitting."""
+    import numpy as np
+    from sklearn.datasets import load_breast_cancer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from skinfluence import DirectInfluenceScorer
+
+    text = " ".join((DOCS / "concepts.md").read_text().split())
+    assert "by about \\(\\epsilon\\,P[i, j, k]\\)" in text
+    assert "more helpful to test point i" in text
+    assert "\\(-\\epsilon\\,P[i, j, k] / n_{train}\\)" in text
+
+    X, y = load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)[:, :5]
+    Xtr, ytr, Xte, yte = X[:150], y[:150], X[150:160], y[150:160]
+
+    def fit(features):
+        return LogisticRegression(C=0.5, tol=1e-12, max_iter=10000).fit(features, ytr)
+
+    def test_loss(model):
+        return -np.log(model.predict_proba(Xte)[np.arange(len(yte)), yte])
+
+    model = fit(Xtr)
+    up = DirectInfluenceScorer(model, regularization=0.0).fit(Xtr, ytr)
+    P = DirectInfluenceScorer(model, regularization=0.0, mode="perturbation").fit(Xtr, ytr).transform(Xte, yte)
+    eps = 1e-3
+    for j, k in [(3, 0), (40, 4)]:
+        moved = Xtr.copy()
+        moved[j, k] += eps
+        change = up.influences(Xte, yte, moved[[j]], ytr[[j]]) - up.influences(Xte, yte, Xtr[[j]], ytr[[j]])
+        np.testing.assert_allclose(change[:, 0], eps * P[:, j, k], rtol=1e-2, atol=1e-9)
+        refit = test_loss(fit(moved)) - test_loss(model)
+        np.testing.assert_allclose(refit, -eps * P[:, j, k] / len(ytr), rtol=2e-2, atol=1e-9)
