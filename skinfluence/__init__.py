@@ -1,16 +1,11 @@
 """skinfluence: influence functions for scikit-learn, skorch and torch models."""
 
+from . import scorers as _scorers
 from .detection import MislabelDetector
-from .scorers import (
-    ArnoldiInfluenceScorer,
-    CgInfluenceScorer,
-    DirectInfluenceScorer,
-    EkfacInfluenceScorer,
-    InfluenceScorer,
-    LissaInfluenceScorer,
-    NystroemInfluenceScorer,
-)
 from .solvers import NotPositiveDefiniteError
 
-__all__ = ["ArnoldiInfluenceScorer", "CgInfluenceScorer", "DirectInfluenceScorer", "EkfacInfluenceScorer", "InfluenceScorer", "LissaInfluenceScorer", "MislabelDetector", "NotPositiveDefiniteError", "NystroemInfluenceScorer"]
+# One scorer per method of the registry (skinfluence.solvers.METHODS).
+globals().update({name: getattr(_scorers, name) for name in _scorers.__all__})
+
+__all__ = sorted([*_scorers.__all__, "MislabelDetector", "NotPositiveDefiniteError"])
 __version__ = "0.1.0"

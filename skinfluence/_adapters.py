@@ -27,7 +27,7 @@ from sklearn.exceptions import NotFittedError
 from torch import nn
 from torch.func import functional_call
 
-__all__ = ["ModelAdapter", "build_adapter", "resolve_dtype"]
+__all__ = ["LossFamily", "ModelAdapter", "build_adapter", "describe_loss", "resolve_dtype"]
 
 CLASS_INDEX = "class_index"  # integer class labels, loss on K outputs
 BINARY = "binary"  # one logit, float 0/1 targets
@@ -103,29 +103,74 @@ class _FirstOutput:
         return out if self.then is None else self.then(out)
 
 
-def _loss_kind(loss) -> str:
-    """Guess the target kind a loss callable expects."""
-    target = loss.criterion if isinstance(loss, _SkorchNLL) else loss
-    if isinstance(target, _ReshapeTarget):
-        target = target.loss
-    if isinstance(target, (nn.CrossEntropyLoss, nn.NLLLoss)) or target in (
-        F.cross_entropy,
-        F.nll_loss,
-    ):
-        return CLASS_INDEX
-    if isinstance(target, (nn.BCEWithLogitsLoss, nn.BCELoss)) or target in (
+@dataclass(frozen=True)
+class LossFamily:
+    """What a loss is, as far as the influence computations need to know.
+
+    ``target``: the kind of targets it takes (``CLASS_INDEX``, ``BINARY``,
+    ``REGRESSION`` or ``OTHER``). ``distribution``: the predictive distribution
+    whose negative log-likelihood it is, when known and unweighted with mean
+    reduction ("categorical", "bernoulli", "gaussian"), else None; ``probs``: the
+    model outputs probabilities rather than logits; ``on_logits``: cross-entropy or
+    binary cross-entropy on logits; ``variance_per_element``: for "gaussian", the
+    loss averages over output elements (mean reduction) rather than summing.
+    """
+
+    target: str
+    distribution: str | None = None
+    probs: bool = False
+    on_logits: bool = False
+    variance_per_element: bool = True
+
+
+def describe_loss(loss) -> LossFamily:
+    """The :class:`LossFamily` of a loss callable (as given, or as wrapped here)."""
+    inner, probs = loss, False
+    if isinstance(inner, _ReshapeTarget):
+        inner = inner.loss
+    if isinstance(inner, _SkorchNLL):
+        inner, probs = inner.criterion, True
+    if isinstance(inner, _ReshapeTarget):
+        inner = inner.loss
+    if isinstance(inner, (nn.CrossEntropyLoss, nn.NLLLoss)) or inner in (F.cross_entropy, F.nll_loss):
+        target = CLASS_INDEX
+    elif isinstance(inner, (nn.BCEWithLogitsLoss, nn.BCELoss)) or inner in (
         F.binary_cross_entropy_with_logits,
         F.binary_cross_entropy,
     ):
-        return BINARY
-    if isinstance(target, (_MeanSquaredError, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)) or target in (
+        target = BINARY
+    elif isinstance(inner, (_MeanSquaredError, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)) or inner in (
         F.mse_loss,
         F.l1_loss,
         F.smooth_l1_loss,
         F.huber_loss,
     ):
-        return REGRESSION
-    return OTHER
+        target = REGRESSION
+    else:
+        target = OTHER
+    plain = getattr(inner, "weight", None) is None and getattr(inner, "pos_weight", None) is None
+    plain = plain and getattr(inner, "label_smoothing", 0.0) == 0.0
+    reduction = getattr(inner, "reduction", "mean")
+    if plain and reduction == "mean":
+        if isinstance(inner, nn.CrossEntropyLoss) or inner is F.cross_entropy:
+            return LossFamily(target, "categorical", on_logits=True)
+        if isinstance(inner, nn.NLLLoss) or inner is F.nll_loss:
+            # skorch feeds probabilities; a torch module feeding NLLLoss gives log-probabilities
+            return LossFamily(target, "categorical", probs=probs)
+        if isinstance(inner, nn.BCEWithLogitsLoss) or inner is F.binary_cross_entropy_with_logits:
+            return LossFamily(target, "bernoulli", on_logits=True)
+        if isinstance(inner, nn.BCELoss) or inner is F.binary_cross_entropy:
+            return LossFamily(target, "bernoulli", probs=True)
+    if isinstance(inner, nn.MSELoss) and reduction in ("mean", "sum"):
+        return LossFamily(target, "gaussian", variance_per_element=reduction == "mean")
+    if inner is F.mse_loss or isinstance(inner, _MeanSquaredError):
+        return LossFamily(target, "gaussian")
+    return LossFamily(target)
+
+
+def _loss_kind(loss) -> str:
+    """Guess the target kind a loss callable expects."""
+    return describe_loss(loss).target
 
 
 # --------------------------------------------------------------------------- penalty
@@ -260,6 +305,21 @@ class ModelAdapter:
 
     def flat_params(self) -> torch.Tensor:
         return self.flatten(self.params)
+
+    def layer_slices(self) -> dict:
+        """Module name -> columns of the flat layout holding that module's parameters."""
+        from ._modules import parameter_owners
+
+        owners = parameter_owners(self.module)
+        out, o = {}, 0
+        for n, k in zip(self.param_names, self.sizes, strict=True):
+            out.setdefault(owners[n][0], []).extend(range(o, o + k))
+            o += k
+        return {name: torch.as_tensor(cols, device=self.device) for name, cols in out.items()}
+
+    @property
+    def loss_family(self) -> LossFamily:
+        return describe_loss(self.output_loss)
 
     # ----------------------------------------------------------- functions
     def sample_output(self, params: dict, x: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,11 @@ of vectors are stacked on the first dimension: ``V`` has shape (k, p).
   Gauss-Newton matrix ("gauss-newton") of the loss summed over the batch.
 * ``mixed_projection``: for perturbation mode, the derivative with respect to each
   input ``x_j`` of ``F @ grad_theta l(x_j, y_j)``, (b, m, *x_shape).
-* ``dense_curvature``: the p x p matrix, one block of basis vectors at a time (only
-  the Direct method calls it).
+* ``gradient_products``: factors against a block of points' gradients ("up") or
+  their input derivatives ("perturbation").
+
+The dense p x p curvature of the Direct method lives beside it, in
+``skinfluence.solvers._dense``.
 """
 
 from __future__ import annotations
@@ -19,12 +22,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch import nn
-from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+from torch.func import grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 from ._adapters import ModelAdapter
-
-CURVATURES = ("exact", "gauss-newton")
 
 
 def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
@@ -73,89 +73,6 @@ def curvature_mv(
     return vmap(lambda u: vjp_fn(u.reshape(out.shape))[0])(HJv)
 
 
-def dense_curvature(
-    adapter: ModelAdapter,
-    X: torch.Tensor,
-    Y: torch.Tensor,
-    curvature: str,
-    batch_size: int,
-    block: int = 512,
-    progress=None,
-) -> torch.Tensor:
-    """The curvature of the MEAN loss over (X, Y) as a dense p x p matrix.
-
-    Built from products with blocks of at most ``block`` basis vectors, over batches
-    of ``batch_size`` samples, so peak memory is about ``block * batch_size``
-    activations plus the p x p result. For the exact Hessian only the blocks on and
-    above the diagonal (in the order of the parameter tensors) are computed, with the
-    other tensors held constant, and the rest filled in by symmetry.
-    """
-    p, n = adapter.n_params, X.shape[0]
-    H = torch.zeros(p, p, dtype=adapter.dtype, device=adapter.device)
-    if curvature == "exact":
-        plan = _linear_plan(adapter, X)
-        if plan is not None:
-            return _linear_hessian(adapter, X, Y, plan, batch_size, progress)
-        steps = [
-            (s, t, b)
-            for s in batch_slices(n, batch_size)
-            for t in range(len(adapter.param_names))
-            for b in batch_slices(adapter.sizes[t], block)
-        ]
-        offsets = _offsets(adapter)
-        for s, t, b in steps if progress is None else progress(steps, desc="Hessian"):
-            rows = _hessian_rows(adapter, X[s], Y[s], t, b)
-            r0, c0 = offsets[t] + b.start, offsets[t]
-            H[r0 : r0 + rows.shape[0], c0:] += rows
-        upper = torch.triu(H)
-        H = upper + upper.T - torch.diag(torch.diagonal(H))
-        # the diagonal blocks were computed whole: use them whole
-        for t in range(len(adapter.sizes)):
-            sl = slice(offsets[t], offsets[t + 1])
-            blk = H[sl, sl]
-            H[sl, sl] = 0.5 * (blk + blk.T)
-        return H / n
-    plan = _linear_plan(adapter, X, output_layer=True)
-    if plan is not None:
-        # the output is linear in the parameters: Gauss-Newton = Hessian
-        return _linear_hessian(adapter, X, Y, plan, batch_size, progress)
-    eye = torch.eye(p, dtype=adapter.dtype, device=adapter.device)
-    steps = [(s, b) for s in batch_slices(n, batch_size) for b in batch_slices(p, block)]
-    for s, b in steps if progress is None else progress(steps, desc="Gauss-Newton"):
-        H[b] += curvature_mv(adapter, X[s], Y[s], eye[b], curvature)
-    H /= n
-    return 0.5 * (H + H.T)
-
-
-def _hessian_rows(adapter: ModelAdapter, X, Y, t: int, b: slice) -> torch.Tensor:
-    """Rows of the summed-loss Hessian for entries ``b`` of parameter tensor ``t``,
-    against tensor ``t`` and every later one: shape (len(b), sum of their sizes).
-
-    Tensors before ``t`` are closed over as constants, so neither the forward
-    tangents nor the backward pass touch more of the model than these rows need.
-    """
-    names = adapter.param_names
-    name, later = names[t], names[t:]
-    fixed = {n: adapter.params[n] for n in names[:t]}
-
-    def grads_of_later(theta_t):
-        def loss(lp):
-            full = {**fixed, **lp}
-            return vmap(adapter.sample_loss, in_dims=(None, 0, 0))(full, X, Y).sum()
-
-        lp = {n: adapter.params[n] for n in later}
-        lp[name] = theta_t
-        g = grad(loss)(lp)
-        return torch.cat([g[n].reshape(-1) for n in later])
-
-    shape = adapter.params[name].shape
-    k = adapter.sizes[t]
-    E = torch.zeros(b.stop - b.start, k, dtype=adapter.dtype, device=adapter.device)
-    E[torch.arange(E.shape[0]), torch.arange(b.start, b.stop)] = 1.0
-    theta_t = adapter.params[name]
-    return vmap(lambda v: jvp(grads_of_later, (theta_t,), (v.reshape(shape),))[1])(E)
-
-
 def mixed_projection(
     adapter: ModelAdapter, X: torch.Tensor, Y: torch.Tensor, F: torch.Tensor
 ) -> torch.Tensor:
@@ -169,6 +86,19 @@ def mixed_projection(
     return vmap(jac)(X, Y)
 
 
+def gradient_products(
+    adapter: ModelAdapter, F: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, mode: str = "up"
+) -> torch.Tensor:
+    """Factors ``F`` (k, p) against one block of points (X, Y).
+
+    "up": ``F @ grad l(x_j, y_j)`` for each j, shape (k, b). "perturbation": its
+    derivative with respect to ``x_j``, shape (k, b, *x_shape).
+    """
+    if mode == "up":
+        return F @ per_sample_grads(adapter, X, Y).T
+    return mixed_projection(adapter, X, Y, F).transpose(0, 1)
+
+
 def influence_blocks(
     adapter: ModelAdapter,
     F: torch.Tensor,
@@ -178,179 +108,14 @@ def influence_blocks(
     batch_size: int,
     progress=None,
 ) -> torch.Tensor:
-    """Influences of the points (X, Y) for rows of factors ``F`` (k, p).
-
-    "up": ``F @ grad l(x_j, y_j)`` for each j, shape (k, n). "perturbation": its
-    derivative with respect to ``x_j``, shape (k, n, *x_shape). Works through (X, Y)
-    ``batch_size`` points at a time, so only one batch of gradients is held; a pure
-    function of its arguments, so tiles can be computed anywhere.
-    """
+    """:func:`gradient_products` over all of (X, Y), ``batch_size`` points at a time,
+    so only one batch of gradients is held."""
     steps = list(batch_slices(X.shape[0], batch_size))
-    blocks = []
-    for s in steps if progress is None else progress(steps, desc="influences"):
-        if mode == "up":
-            blocks.append(F @ per_sample_grads(adapter, X[s], Y[s]).T)
-        else:
-            blocks.append(mixed_projection(adapter, X[s], Y[s], F).transpose(0, 1))
+    blocks = [
+        gradient_products(adapter, F, X[s], Y[s], mode)
+        for s in (steps if progress is None else progress(steps, desc="influences"))
+    ]
     if not blocks:
         tail = () if mode == "up" else tuple(X.shape[1:])
         return torch.zeros((F.shape[0], 0, *tail), dtype=F.dtype, device=F.device)
     return torch.cat(blocks, 1)
-
-
-def _offsets(adapter: ModelAdapter) -> list[int]:
-    offsets = [0]
-    for k in adapter.sizes:
-        offsets.append(offsets[-1] + k)
-    return offsets
-
-
-def _linear_plan(adapter: ModelAdapter, X: torch.Tensor, output_layer: bool = False):
-    """Linear layers in forward order, when the structured exact Hessian applies.
-
-    It applies when every selected parameter is the weight or bias of an
-    ``nn.Linear`` that runs exactly once per forward pass on 2-d input and shares no
-    tensor with another module. Returns [(layer, weight name or None, bias name or
-    None)] in the order the layers run, or None. With ``output_layer=True`` it also
-    requires a single such layer whose output is the model's output, unchanged: the
-    output is then linear in the selected parameters, and the Gauss-Newton matrix
-    equals the Hessian (a linear model, or the last layer of a network).
-    """
-    module = adapter.module
-    if len(list(module.named_parameters(remove_duplicate=False))) != len(
-        list(module.named_parameters())
-    ):
-        return None
-    owner = {}
-    for mname, m in module.named_modules():
-        if isinstance(m, nn.Linear):
-            for pname, _ in m.named_parameters(recurse=False):
-                owner[f"{mname}.{pname}" if mname else pname] = (m, pname)
-    if not all(n in owner for n in adapter.param_names):
-        return None
-    layers = {id(owner[n][0]): owner[n][0] for n in adapter.param_names}
-    if output_layer and len(layers) != 1:
-        return None
-    calls, shapes, outputs = [], [], []
-
-    def record(mod, inputs, output):
-        calls.append(id(mod))
-        shapes.append(inputs[0].dim())
-        outputs.append(output)
-
-    hooks = [m.register_forward_hook(record) for m in layers.values()]
-    try:
-        with torch.no_grad(), adapter.eval_mode():
-            final = functional_call(module, {**adapter.params, **adapter.frozen}, (X[:2],))
-    finally:
-        for h in hooks:
-            h.remove()
-    if sorted(calls) != sorted(layers) or len(set(calls)) != len(calls) or set(shapes) != {2}:
-        return None
-    if output_layer and not (outputs[0] is final and getattr(adapter.output_transform, "is_linear", False)):
-        return None
-    plan = []
-    for i in calls:
-        names = {owner[n][1]: n for n in adapter.param_names if owner[n][0] is layers[i]}
-        plan.append((layers[i], names.get("weight"), names.get("bias")))
-    return plan
-
-
-def _linear_hessian(adapter, X, Y, plan, batch_size, progress):
-    """Exact Hessian of the mean loss for a model whose parameters are Linear layers.
-
-    For Linear layers t and c (c running at or after t), with z = W a + b, the
-    output gradient delta = dl/dz, and everything per sample,
-
-        d grad_{W_c} / dW_t[o, k] = a_t[k] * (d delta_c / dz_t[o] a_c^T
-                                             + delta_c (d a_c / dz_t[o])^T),
-
-    because a layer that runs once affects the loss, and every gradient at or after
-    it, only through its output z_t. So each block needs, per sample, the small
-    Jacobians d delta_c / dz_t and d a_c / dz_t (out_t forward-mode tangents), then
-    matrix products with the layer inputs: about n * p^2 multiply-adds in BLAS,
-    instead of a forward and backward pass per parameter. Blocks of earlier layers
-    against later ones give the rest by symmetry.
-    """
-    names = adapter.param_names
-    offsets = _offsets(adapter)
-    start = {n: offsets[i] for i, n in enumerate(names)}
-    size = dict(zip(names, adapter.sizes, strict=True))
-    p, n = adapter.n_params, X.shape[0]
-    H = torch.zeros(p, p, dtype=adapter.dtype, device=adapter.device)
-
-    def put(r, c, block):
-        if r is None or c is None:
-            return
-        H[start[r] : start[r] + size[r], start[c] : start[c] + size[c]] += block.reshape(size[r], size[c])
-        if r != c:
-            H[start[c] : start[c] + size[c], start[r] : start[r] + size[r]] += block.reshape(size[r], size[c]).T
-
-    steps = [(s, t) for s in batch_slices(n, batch_size) for t in range(len(plan))]
-    for s, t in steps if progress is None else progress(steps, desc="Hessian"):
-        a, deltas, d_delta, d_a = _layer_jacobians(adapter, X[s], Y[s], plan, t)
-        _, wt, bt = plan[t]
-        at = a[0]  # (b, in_t)
-        for k, (_, wc, bc) in enumerate(plan[t:]):
-            Dd = d_delta[k]  # (b, out_t, out_c): d delta_c / d z_t
-            if k == 0:
-                # sum_i at[i,k] at[i,j] Dd[i,o,q] as one matrix product
-                b_, d_ = at.shape
-                M = (at[:, :, None] * Dd.reshape(b_, 1, -1)).reshape(b_, -1)
-                ww = (at.T @ M).reshape(d_, d_, *Dd.shape[1:])  # (j, k, o, q)
-                put(wt, wc, ww.permute(2, 1, 3, 0))
-                put(wt, bc, torch.einsum("ik,ioq->okq", at, Dd))
-                put(bt, bc, Dd.sum(0))
-                continue
-            ac, dc, Da = a[k], deltas[k], d_a[k]  # (b, in_c), (b, out_c), (b, out_t, in_c)
-            if wc is not None:
-                first = torch.einsum("ioq,ij->ioqj", Dd, ac) + torch.einsum("iq,ioj->ioqj", dc, Da)
-                put(wt, wc, torch.einsum("ik,ioqj->okqj", at, first) if wt is not None else None)
-                put(bt, wc, first.sum(0))
-            put(wt, bc, torch.einsum("ik,ioq->okq", at, Dd))
-            put(bt, bc, Dd.sum(0))
-    return 0.5 * (H + H.T) / n
-
-
-def _layer_jacobians(adapter, X, Y, plan, t):
-    """Per-sample inputs a_c, output gradients delta_c, and their Jacobians with
-    respect to layer t's output z_t, for the layers c = t, t+1, ... of ``plan``."""
-    later = [layer for layer, _, _ in plan[t:]]
-    holder = {"eps": {}, "a": {}}
-
-    def hook(mod, inputs, output):
-        holder["a"][id(mod)] = inputs[0]
-        e = holder["eps"].get(id(mod))
-        return None if e is None else output + e
-
-    handles = [layer.register_forward_hook(hook) for layer in later]
-    try:
-        zeros = [torch.zeros(layer.out_features, dtype=adapter.dtype, device=adapter.device) for layer in later]
-
-        def deltas_and_inputs(e, x, y):
-            def loss(z0):
-                holder["eps"] = {id(m): z0[k] + (e if k == 0 else 0) for k, m in enumerate(later)}
-                holder["a"] = {}
-                value = adapter.sample_loss(adapter.params, x, y)
-                return value, [holder["a"][id(m)].reshape(-1) for m in later]
-
-            d, a = grad(loss, has_aux=True)(zeros)
-            return d, a
-
-        out_t = later[0].out_features
-        basis = torch.eye(out_t, dtype=adapter.dtype, device=adapter.device)
-
-        def per_sample(x, y):
-            def along(v):
-                return jvp(lambda e: deltas_and_inputs(e, x, y), (zeros[0],), (v,))
-
-            (d, a), (dd, da) = vmap(along)(basis)
-            return [q[0] for q in a], [q[0] for q in d], dd, da
-
-        a, d, dd, da = vmap(per_sample)(X, Y)
-    finally:
-        for h in handles:
-            h.remove()
-        holder.clear()
-    # a[k]: (b, in_c); d[k]: (b, out_c); dd[k]: (b, out_t, out_c); da[k]: (b, out_t, in_c)
-    return a, d, dd, da

@@ -43,116 +43,143 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 from torch import nn
-from torch.func import jvp, vmap
 
-from ._gradients import batch_slices, per_sample_grads
+from ._gradients import batch_slices
 from .scorers import DirectInfluenceScorer, InfluenceScorer
 from .solvers import NotPositiveDefiniteError
 
-__all__ = ["MislabelDetector"]
+__all__ = ["STRATEGIES", "MislabelDetector", "harm_votes"]
 
 #: Regularization of the default scorer (exact inverse of the last layer's
 #: Gauss-Newton curvature); on the reference panels the scores change by less than
 #: 0.002 AUROC between 1e-3 and 1e-1.
 DEFAULT_REGULARIZATION = 0.01
 
-STRATEGIES = ("crossfit", "loo", "self", "harm")
 
 
 def _plain(value):
     """A numpy scalar as the Python value it holds, for messages (numpy 2 reprs differ)."""
     return value.item() if isinstance(value, np.generic) else value
-_NEEDS_FOLDS = ("crossfit", "harm")
 
 
-# --------------------------------------------------------------------------- core
-# Functions of a fitted scorer: the detector's arithmetic, free of sklearn plumbing.
+# --------------------------------------------------------------------------- strategies
+# Each strategy is a pair of small functions, usable on their own: one computes what
+# a fitted scorer says about its points (a scorer fitted on the training part of a
+# split, the held-out indices, the data), the other combines those results over the
+# fitted models into suspicion scores and class probabilities. One-model strategies
+# see a single fit on all the data with nothing held out.
 
 
-def _outputs(adapter, X: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Model outputs, one per sample shaped as ``sample_output`` returns it: (n, 1, ...)."""
-    out = [adapter.outputs(X[s]) for s in batch_slices(X.shape[0], batch_size)]
-    return torch.cat(out).unsqueeze(1)
-
-
-def _class_proba(adapter, outputs: torch.Tensor, classes: np.ndarray) -> np.ndarray:
-    """p(c | x) = exp(-loss(output, c)) for each class c, rows renormalised.
-
-    For cross-entropy (and skorch's NLL on probabilities, BCE on one logit) this is
-    the model's predicted probability; working from the loss keeps every kind of
-    classifier the adapters know on one code path.
-    """
-    n = outputs.shape[0]
-    if n == 0:
-        return np.zeros((0, len(classes)))
-
-    def loss(o, t):
-        return adapter.output_loss(o, t.unsqueeze(0))
-
-    cols = []
-    for c in classes:
-        targets = adapter.targets(np.full(n, c, dtype=np.asarray(classes).dtype), "y")
-        cols.append(torch.exp(-vmap(loss)(outputs, targets)))
-    P = torch.stack(cols, 1).detach().to("cpu", torch.float64).numpy()
-    return P / np.clip(P.sum(1, keepdims=True), np.finfo(float).tiny, None)
-
-
-def _loo_outputs(scorer: InfluenceScorer) -> torch.Tensor:
-    """Outputs at each training point of the model fitted without that point.
-
-    ``theta_{-i} = theta + A^-1 grad l_i / n`` (A the scorer's regularized curvature)
-    is the influence-function estimate of the parameters without point i; its
-    effect on the output at ``x_i`` is taken to first order, ``f_i + J_i dtheta_i``,
-    by a forward-mode product, batched over points.
-    """
-    a = scorer.adapter_
-    X, Y, n = scorer.X_train_, scorer.y_train_, scorer.n_train_
-    theta = a.flat_params()
-
-    def shifted(x, v):
-        def f(flat):
-            return a.sample_output(a.unflatten(flat), x)
-
-        out, tangent = jvp(f, (theta,), (v,))
-        return out + tangent
-
-    res = []
-    with a.eval_mode():
-        for s in batch_slices(n, scorer.batch_size):
-            G = per_sample_grads(a, X[s], Y[s])
-            V = (scorer.solver_.solve(G) / n).to(theta.dtype)
-            res.append(vmap(shifted)(X[s], V))
-    return torch.cat(res)
-
-
-def _self_influence(scorer: InfluenceScorer) -> np.ndarray:
-    return scorer.self_influence()
-
-
-def _loo_proba(scorer: InfluenceScorer, classes: np.ndarray) -> np.ndarray:
-    """Leave-one-out class probabilities of the scorer's training points."""
-    with scorer.adapter_.eval_mode():
-        return _class_proba(scorer.adapter_, _loo_outputs(scorer), classes)
-
-
-def _harm(scorer: InfluenceScorer, X_out: torch.Tensor, Y_out: torch.Tensor) -> np.ndarray:
-    """Share of the points (X_out, Y_out) each training point harms, minus the share it helps.
+def harm_votes(scorer: InfluenceScorer, X_out, y_out) -> np.ndarray:
+    """Share of the points (X_out, y_out) each training point harms, minus the share it helps.
 
     A point harms a held-out point when its influence on it is negative (removing it
     would lower that point's loss). Counting signs, rather than averaging influences,
     gives every held-out point one vote: a mean would be dominated by the held-out
-    points with the largest losses, which are the wrongly labelled ones.
+    points with the largest losses, which are the wrongly labelled ones. Works
+    through the held-out points ``scorer.batch_size`` at a time.
+
+    Parameters
+    ----------
+    scorer : InfluenceScorer
+        A fitted scorer (mode "up").
+    X_out, y_out : array-like
+        Held-out points and their labels.
+
+    Returns
+    -------
+    votes : ndarray of shape (n_train,)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from skinfluence import DirectInfluenceScorer
+    >>> from skinfluence.detection import harm_votes
+    >>> X = np.r_[np.linspace(-2, -0.5, 10), np.linspace(0.5, 2, 10)][:, None]
+    >>> y = (X[:, 0] > 0).astype(int)
+    >>> y[0] = 1  # a wrong label, deep in class 0
+    >>> scorer = DirectInfluenceScorer(LogisticRegression().fit(X, y)).fit(X, y)
+    >>> int(np.argmax(harm_votes(scorer, X[1:], y[1:])))
+    0
     """
-    a = scorer.adapter_
-    bs = scorer.batch_size
-    X, Y = scorer.X_train_, scorer.y_train_
-    votes = torch.zeros(len(X), dtype=torch.float64, device=X.device)
-    with a.eval_mode():
-        for o in batch_slices(len(X_out), bs):
-            F = scorer.solver_.solve(per_sample_grads(a, X_out[o], Y_out[o])).to(a.dtype)
-            for s in batch_slices(len(X), bs):
-                votes[s] -= torch.sign(per_sample_grads(a, X[s], Y[s]) @ F.T).sum(1).double()
-    return (votes / max(len(X_out), 1)).to("cpu").numpy()
+    votes = np.zeros(scorer.n_train_)
+    n_out = len(X_out)
+    for o in batch_slices(n_out, scorer.batch_size):
+        votes -= np.sign(scorer.influences(X_out[o], y_out[o])).sum(0)
+    return votes / max(n_out, 1)
+
+
+def _loo_fold(scorer, held, X, y, classes):
+    return scorer.class_probabilities(leave_one_out=True, classes=classes)
+
+
+def _self_fold(scorer, held, X, y, classes):
+    return scorer.self_influence()
+
+
+def _crossfit_fold(scorer, held, X, y, classes):
+    return (
+        scorer.class_probabilities(X[held], classes=classes),
+        scorer.class_probabilities(leave_one_out=True, classes=classes),
+    )
+
+
+def _harm_fold(scorer, held, X, y, classes):
+    return harm_votes(scorer, X[held], y[held])
+
+
+def _one_model_probabilities(fits, n, k):
+    P = fits[0][2]
+    return None, P, P
+
+
+def _one_model_scores(fits, n, k):
+    return fits[0][2], None, None
+
+
+def _crossfit_combine(fits, n, k):
+    """Mean out-of-fold and in-fold (leave-one-out) probabilities, averaged."""
+    sums = {"out": np.zeros((n, k)), "in": np.zeros((n, k))}
+    counts = {"out": np.zeros(n), "in": np.zeros(n)}
+    for train, held, (p_out, p_in) in fits:
+        sums["out"][held] += p_out
+        sums["in"][train] += p_in
+        counts["out"][held] += 1
+        counts["in"][train] += 1
+    if (counts["in"] + counts["out"] == 0).any():
+        raise ValueError("cv: some samples are in no split; use splits that cover every sample.")
+    P_out = sums["out"] / np.maximum(counts["out"], 1)[:, None]
+    P_in = sums["in"] / np.maximum(counts["in"], 1)[:, None]
+    both = (counts["out"] > 0) & (counts["in"] > 0)
+    P = np.where((counts["out"] > 0)[:, None], P_out, P_in)
+    P[both] = 0.5 * (P_out[both] + P_in[both])
+    # The confident-learning count needs probabilities of models that did not see
+    # the points: a network's in-fold probabilities lean towards the labels it
+    # memorized, even after the leave-one-out correction.
+    return None, P, (P_out if (counts["out"] > 0).all() else P)
+
+
+def _harm_combine(fits, n, k):
+    sums, counts = np.zeros(n), np.zeros(n)
+    for train, _held, votes in fits:
+        sums[train] += votes
+        counts[train] += 1
+    if (counts == 0).any():
+        raise ValueError(
+            "cv: strategy='harm' scores points in the training part of a split; "
+            "some samples are in no training part."
+        )
+    return sums / counts, None, None
+
+
+#: strategy -> (what one fitted scorer gives, how the fits combine, cross-fitted)
+STRATEGIES = {
+    "crossfit": (_crossfit_fold, _crossfit_combine, True),
+    "loo": (_loo_fold, _one_model_probabilities, False),
+    "self": (_self_fold, _one_model_scores, False),
+    "harm": (_harm_fold, _harm_combine, True),
+}
 
 
 def _confident_count(P: np.ndarray, y_idx: np.ndarray) -> int:
@@ -467,12 +494,12 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
                 f"scorer: mode={self.scorer.mode!r} measures feature perturbations; label "
                 "scores need mode='up'."
             )
-        if self.prefit and self.strategy in _NEEDS_FOLDS:
+        if self.prefit and STRATEGIES[self.strategy][2]:
             raise ValueError(
                 f"prefit=True: strategy={self.strategy!r} fits one model per fold and "
                 "cannot use a fitted one; use strategy='loo' or 'self', or prefit=False."
             )
-        if self.strategy in _NEEDS_FOLDS and isinstance(self.cv, Integral):
+        if STRATEGIES[self.strategy][2] and isinstance(self.cv, Integral):
             counts = np.bincount(y_idx, minlength=len(classes))
             if counts.min() < self.cv:
                 c = classes[int(counts.argmin())]
@@ -533,57 +560,21 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
         n, k = X.shape[0], len(classes)
         seeds = None if self.random_state is None else rng
         seed = (lambda: None) if seeds is None else (lambda: seeds.randint(2**31 - 1))
-        if self.strategy in ("loo", "self"):
+        per_fit, combine, crossfitted = STRATEGIES[self.strategy]
+        if not crossfitted:
             model = self.estimator if self.prefit else self._fit_clone(X, y, seed())
-            if self.strategy == "self":
-                return self._scored(model, X, y, seed(), _self_influence), None, None
-            P = self._scored(model, X, y, seed(), lambda sc: _loo_proba(sc, classes))
-            return None, P, P
-
-        def fold(scorer, held):
-            a = scorer.adapter_
-            with a.eval_mode():
-                X_held = a.features(X[held])
-                if self.strategy == "harm":
-                    return _harm(scorer, X_held, a.targets(y[held], "y"))
-                out = _outputs(a, X_held, scorer.batch_size)
-                return _class_proba(a, out, classes), _loo_proba(scorer, classes)
-
-        splits = self._splits(X, y, rng)
-        sums = {"out": np.zeros((n, k)), "in": np.zeros((n, k)), "harm": np.zeros(n)}
-        counts = {"out": np.zeros(n), "in": np.zeros(n)}
-        for train, held in _iterate(self.progress, splits, "folds"):
+            everything, nothing = np.arange(n), np.arange(0)
+            res = self._scored(model, X, y, seed(), lambda sc: per_fit(sc, nothing, X, y, classes))
+            return combine([(everything, nothing, res)], n, k)
+        fits = []
+        for train, held in _iterate(self.progress, self._splits(X, y, rng), "folds"):
             model = self._fit_clone(X[train], y[train], seed())
             res = self._scored(
-                model, X[train], y[train], seed(), lambda sc, held=held: fold(sc, held)
+                model, X[train], y[train], seed(),
+                lambda sc, held=held: per_fit(sc, held, X, y, classes),
             )
-            if self.strategy == "harm":
-                sums["harm"][train] += res
-            else:
-                sums["out"][held] += res[0]
-                sums["in"][train] += res[1]
-            counts["out"][held] += 1
-            counts["in"][train] += 1
-        if (counts["in"] + counts["out"] == 0).any():
-            raise ValueError(
-                "cv: some samples are in no split; use splits that cover every sample."
-            )
-        if self.strategy == "harm":
-            if (counts["in"] == 0).any():
-                raise ValueError(
-                    "cv: strategy='harm' scores points in the training part of a split; "
-                    "some samples are in no training part."
-                )
-            return sums["harm"] / counts["in"], None, None
-        P_out = sums["out"] / np.maximum(counts["out"], 1)[:, None]
-        P_in = sums["in"] / np.maximum(counts["in"], 1)[:, None]
-        both = (counts["out"] > 0) & (counts["in"] > 0)
-        P = np.where((counts["out"] > 0)[:, None], P_out, P_in)
-        P[both] = 0.5 * (P_out[both] + P_in[both])
-        # The confident-learning count needs probabilities of models that did not see
-        # the points: a network's in-fold probabilities lean towards the labels it
-        # memorized, even after the leave-one-out correction.
-        return None, P, (P_out if (counts["out"] > 0).all() else P)
+            fits.append((train, held, res))
+        return combine(fits, n, k)
 
     def _flag(self, scores, P_count, y_idx, classes):
         n = len(scores)

@@ -23,16 +23,17 @@ grad l(train_j)``, positive when training point j helps test point i.
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from sklearn.utils.validation import check_array
 
+from . import scorers
 from ._adapters import build_adapter
 from ._gradients import influence_blocks
 from .scorers import _progress
+from .solvers import METHODS
 
 __all__ = [
     "InverseHvpResult",
@@ -43,14 +44,7 @@ __all__ = [
 ]
 
 #: inversion_method -> name of the scorer class in skinfluence.scorers
-INVERSION_METHODS = {
-    "direct": "DirectInfluenceScorer",
-    "cg": "CgInfluenceScorer",
-    "lissa": "LissaInfluenceScorer",
-    "arnoldi": "ArnoldiInfluenceScorer",
-    "nystroem": "NystroemInfluenceScorer",
-    "ekfac": "EkfacInfluenceScorer",
-}
+INVERSION_METHODS = {name: solver.scorer_name for name, solver in METHODS.items()}
 
 
 class InverseHvpResult(NamedTuple):
@@ -82,8 +76,9 @@ def scorer_class(inversion_method: str):
 
     Parameters
     ----------
-    inversion_method : {"direct", "cg", "lissa", "arnoldi", "nystroem", "ekfac"}
-        Name of the method, as in pyDVL.
+    inversion_method : str
+        Name of the method, as in pyDVL (case does not matter): one of
+        ``skinfluence.functional.INVERSION_METHODS``.
 
     Returns
     -------
@@ -102,7 +97,7 @@ def scorer_class(inversion_method: str):
             f"inversion_method: {inversion_method!r} is not one of "
             f"{sorted(INVERSION_METHODS)}."
         )
-    cls = getattr(import_module("skinfluence.scorers"), name, None)
+    cls = getattr(scorers, name, None)
     if cls is None:
         raise ImportError(
             f"inversion_method={inversion_method!r} needs skinfluence.scorers.{name}, "

@@ -18,7 +18,8 @@ from sklearn.linear_model import LinearRegression, LogisticRegression
 from torch import nn
 
 from skinfluence import DirectInfluenceScorer, EkfacInfluenceScorer
-from skinfluence._gradients import dense_curvature, per_sample_grads
+from skinfluence._gradients import per_sample_grads
+from skinfluence.solvers._dense import dense_curvature
 
 # conv3 pads an even kernel 'same' on purpose (asymmetric padding)
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
@@ -192,12 +193,12 @@ def test_refined_basis_brings_ekfac_closer_to_the_curvature(torch_mlp, wine):
 def test_passes_without_the_activation_cache_give_the_same_result(torch_mlp, wine, fisher, monkeypatch):
     """Where activations are too many to keep, every pass recomputes them (with the
     same sampled labels for the "true" Fisher); the result must not change."""
-    from skinfluence.solvers import ekfac
+    from skinfluence.solvers.ekfac import _factors as ekfac
 
     Xtr, ytr, Xte, yte = wine
     kw = {"fisher": fisher, "random_state": 0, "batch_size": 23}
     cached = _ekfac(torch_mlp, **kw).fit(Xtr, ytr).influences(Xte, yte)
-    monkeypatch.setattr(ekfac, "_CACHE_ELEMENTS", 0)
+    monkeypatch.setattr(ekfac, "CACHE_ELEMENTS", 0)
     recomputed = _ekfac(torch_mlp, **kw).fit(Xtr, ytr).influences(Xte, yte)
     np.testing.assert_allclose(recomputed, cached, rtol=1e-10, atol=1e-13)
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from skinfluence._adapters import build_adapter
-from skinfluence._gradients import curvature_mv, dense_curvature, mixed_projection, per_sample_grads
+from skinfluence._gradients import curvature_mv, mixed_projection, per_sample_grads
+from skinfluence.solvers._dense import dense_curvature
 
 
 def _bound(est, X, y, **kw):
@@ -142,7 +143,7 @@ def _models():
 
 @pytest.mark.parametrize("name, model, params", list(_models()), ids=lambda v: v if isinstance(v, str) else "")
 def test_structured_hessian_equals_generic(wine, name, model, params):
-    from skinfluence._gradients import _linear_plan
+    from skinfluence.solvers._dense import _linear_plan
 
     Xtr, ytr, _, _ = wine
     a, Xt, Yt = _bound(model, Xtr[:50], ytr[:50], loss=F.cross_entropy, params=params)
@@ -179,7 +180,7 @@ def test_gauss_newton_of_an_output_layer_is_its_hessian(skorch_net, wine, case):
     """Where the selected parameters are one Linear layer whose output is the model's
     output, the dense Gauss-Newton matrix is built by the structured Hessian; it must
     equal the generic Gauss-Newton products, and other models must keep those."""
-    from skinfluence._gradients import _linear_plan
+    from skinfluence.solvers._dense import _linear_plan
 
     name, model, kw, structured = list(_gauss_newton_cases(skorch_net))[case]
     Xtr, ytr, _, _ = wine

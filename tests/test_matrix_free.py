@@ -30,7 +30,7 @@ from skinfluence import (
     NotPositiveDefiniteError,
     NystroemInfluenceScorer,
 )
-from skinfluence._gradients import dense_curvature
+from skinfluence.solvers._dense import dense_curvature
 from skinfluence.solvers import LissaDivergenceError
 
 REG = 0.1

@@ -1,31 +1,63 @@
-"""What every curvature solver shares: the operator it inverts and its interface.
+"""The solver contract: what every curvature method offers the scorers.
 
-A solver is a small object with two methods and nothing else:
+A solver approximates ``A = C + P + lambda I`` (C the Hessian or Gauss-Newton matrix
+of the mean training loss, P the estimator's own penalty, lambda the
+regularization), given as a :class:`CurvatureOperator`. Its operations:
 
-* ``fit(operator)`` builds its approximation of ``A = C + P + lambda I`` from a
-  :class:`CurvatureOperator` (C the Hessian or Gauss-Newton matrix of the mean
-  training loss, P the estimator's own penalty, lambda the regularization);
-* ``solve(G)`` applies ``A^-1`` to a batch of flat gradients ``G`` of shape (k, p)
-  and returns a tensor of the same shape.
+* ``fit(operator)`` builds the approximation;
+* ``solve(G)`` applies ``A^-1`` to a block of flat gradients ``G`` (k, p);
+* ``factors(X, Y)`` gives the test factors of a block of points, ``A^-1 grad l``, in
+  the solver's own coordinates (the parameters' for most methods; EK-FAC keeps each
+  layer's Kronecker eigenbasis), and ``parameter_factors`` brings them back to the
+  parameters' coordinates;
+* ``pairwise(F, X, Y)`` contracts factors with the loss gradients of a block of
+  training points, (k, b); ``pairwise_blocks`` splits that product by layer (the
+  blocks sum to it);
+* ``self_scores(X, Y)`` gives ``grad l^T A^-1 grad l`` of each point of a block.
+
+Defaults for the last four come from ``solve`` and per-sample gradients; a method
+overrides them where it does better. A fitted solver is never changed by these
+operations: per-call diagnostics go into a :class:`SolveReport` that the caller
+passes in, so a fitted solver together with blocks of points is everything a tile
+of the influence matrix needs (:func:`pairwise_tile`), in this process or another.
+
+A method declares its parameters once, as :class:`Param` entries of
+``parameters``; the scorer's signature, validation and docstring, and the
+solver's own attributes, all come from them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .._adapters import ModelAdapter
-from .._gradients import batch_slices, curvature_mv
+from .._gradients import batch_slices, curvature_mv, gradient_products, per_sample_grads
+from .._linalg import NotPositiveDefiniteError
+
+__all__ = [
+    "Attribute",
+    "CurvatureOperator",
+    "NotPositiveDefiniteError",
+    "Param",
+    "SolveReport",
+    "Solver",
+    "pairwise_tile",
+]
 
 
-class NotPositiveDefiniteError(ValueError):
-    """The curvature plus regularization is not positive definite."""
+# --------------------------------------------------------------------------- operator
 
 
 @dataclass
 class CurvatureOperator:
     """``A = C + P + lambda I`` over the training data, applied without forming it.
+
+    The regularization lambda enters in one place: :meth:`mv` (and the dense matrix
+    of the Direct method) add it; :meth:`curvature_mv` gives ``C + P`` alone, for
+    the eigen-analysis of the low-rank methods, which shift the eigenvalues by it.
 
     Parameters
     ----------
@@ -69,6 +101,15 @@ class CurvatureOperator:
     def n_train(self) -> int:
         return int(self.X.shape[0])
 
+    @property
+    def device(self):
+        return self.adapter.device
+
+    @property
+    def eps(self) -> float:
+        """Machine epsilon of the precision the products run in."""
+        return float(torch.finfo(self.adapter.dtype).eps)
+
     def data_mv(self, V: torch.Tensor) -> torch.Tensor:
         """``V @ C`` for the mean training loss (no penalty, no regularization)."""
         out = torch.zeros_like(V)
@@ -76,16 +117,179 @@ class CurvatureOperator:
             out += curvature_mv(self.adapter, self.X[s], self.Y[s], V, self.curvature)
         return out / self.n_train
 
+    def curvature_mv(self, V: torch.Tensor) -> torch.Tensor:
+        """``V @ (C + P)`` for float64 rows ``V``, in float64.
+
+        The products run in the adapter's working dtype; the linear algebra around
+        them stays in float64 so that small dense problems lose nothing to rounding.
+        """
+        a = self.adapter
+        W = V.to(dtype=a.dtype, device=a.device)
+        out = self.data_mv(W)
+        if not a.penalty.is_zero:
+            out = out + a.penalty.mv(W)
+        return out.to(torch.float64)
+
     def mv(self, V: torch.Tensor) -> torch.Tensor:
-        """``V @ A``: curvature, the estimator's penalty and the regularization."""
+        """``V @ A``: curvature, the estimator's penalty and the regularization, in
+        the working dtype."""
         out = self.data_mv(V)
         if not self.adapter.penalty.is_zero:
             out = out + self.adapter.penalty.mv(V)
         return out + self.regularization * V
 
+    def subset(self, idx) -> CurvatureOperator:
+        """The same operator over the training points ``idx`` only (a minibatch)."""
+        idx = torch.as_tensor(idx, device=self.X.device)
+        return CurvatureOperator(
+            self.adapter, self.X[idx], self.Y[idx], self.curvature, self.regularization,
+            self.batch_size,
+        )
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method: name, default, constraints and documentation.
+
+    Parameters
+    ----------
+    name : str
+        The argument name, shared by the scorer and the solver.
+    default : object
+        Its default value.
+    constraints : list
+        sklearn parameter constraints (``_parameter_constraints`` entries).
+    type : str
+        The numpydoc type description.
+    doc : str
+        The description, one paragraph or more.
+
+    Examples
+    --------
+    >>> from numbers import Integral
+    >>> from sklearn.utils._param_validation import Interval
+    >>> rank = Param("rank", 10, [Interval(Integral, 1, None, closed="left")], "int",
+    ...              "Number of eigenpairs kept.")
+    >>> print(rank.entry())
+        rank : int, default=10
+            Number of eigenpairs kept.
+    """
+
+    name: str
+    default: object
+    constraints: list
+    type: str
+    doc: str
+
+    def entry(self) -> str:
+        """The numpydoc entry, indented for a class docstring."""
+        text = "\n".join("        " + line if line else "" for line in self.doc.strip().splitlines())
+        return f"    {self.name} : {self.type}, default={_show(self.default)}\n{text}"
+
+
+def _show(value) -> str:
+    """A default as the docstrings write it: "up", 1e-5, None."""
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, float) and value and abs(value) < 1e-3:
+        return f"{value:.0e}".replace("e-0", "e-")
+    return repr(value)
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """A fitted attribute a scorer exposes from its solver.
+
+    ``when="fit"`` reads the solver's attribute of that name (or ``source``);
+    ``when="solve"`` the diagnostics of the most recent call that solved a system (a
+    :class:`SolveReport` field, named without the trailing underscore).
+
+    Examples
+    --------
+    >>> Attribute("eigenvalues_", "ndarray of shape (rank,)", "Kept eigenvalues.").when
+    'fit'
+    """
+
+    name: str
+    type: str
+    doc: str
+    when: str = "fit"
+    source: str | None = None
+
+    def entry(self) -> str:
+        text = "\n".join("        " + line for line in self.doc.strip().splitlines())
+        return f"    {self.name} : {self.type}\n{text}"
+
+
+def random_state_param(seeds: str) -> Param:
+    """The ``random_state`` entry of a randomized method, saying what it seeds.
+
+    Examples
+    --------
+    >>> random_state_param("the start block").doc
+    'Seeds the start block. An int gives identical results on every fit.'
+    """
+    return Param(
+        "random_state", None, ["random_state"], "int, RandomState instance or None",
+        f"Seeds {seeds}. An int gives identical results on every fit.",
+    )
+
+
+@dataclass
+class SolveReport:
+    """Diagnostics of the solves of one call, over all its blocks of right-hand sides.
+
+    Kept apart from the fitted solver, which solving never changes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> r = SolveReport()
+    >>> r.add(3, np.array([1e-6, 1e-7]), np.array([True, True]))
+    >>> r.add(5, np.array([1e-3]), np.array([False]))
+    >>> r.n_iter, r.residuals.tolist(), bool(r.converged.all())
+    (5, [1e-06, 1e-07, 0.001], False)
+    """
+
+    progress: bool = False
+    n_iter: int = 0
+    n_products: int = 0
+    _residuals: list = field(default_factory=list)
+    _converged: list = field(default_factory=list)
+
+    def add(self, n_iter: int, residuals: np.ndarray, converged: np.ndarray, n_products: int = 0):
+        self.n_iter = max(self.n_iter, int(n_iter))
+        self.n_products += int(n_products)
+        self._residuals.append(np.asarray(residuals))
+        self._converged.append(np.asarray(converged, dtype=bool))
+
+    @property
+    def residuals(self) -> np.ndarray:
+        return np.concatenate(self._residuals) if self._residuals else np.zeros(0)
+
+    @property
+    def converged(self) -> np.ndarray:
+        return np.concatenate(self._converged) if self._converged else np.zeros(0, bool)
+
+    @property
+    def empty(self) -> bool:
+        return not self._residuals
+
+
+# --------------------------------------------------------------------------- solver
+
 
 class Solver:
-    """Interface of a curvature solver (see module docstring).
+    """Base of the curvature solvers (see the module docstring).
+
+    Subclasses declare ``parameters`` (scorer parameters by name, :class:`Param` for
+    their own), implement ``_fit(operator, progress)`` and ``solve(G, report)``, and
+    may override the other operations. Class attributes also describe the scorer
+    built on the method: ``scorer_name``, ``summary``, ``description``,
+    ``attributes`` and ``examples`` (see :mod:`skinfluence.scorers`).
 
     Examples
     --------
@@ -94,16 +298,135 @@ class Solver:
     >>> import torch
     >>> from skinfluence.solvers import Solver
     >>> class Identity(Solver):
-    ...     def fit(self, operator, progress=None):
+    ...     def _fit(self, operator, progress=None):
     ...         return self
-    ...     def solve(self, G):
+    ...     def solve(self, G, report=None):
     ...         return G
-    >>> Identity().fit(None).solve(torch.ones(2, 3)).shape
+    >>> Identity().solve(torch.ones(2, 3)).shape
     torch.Size([2, 3])
     """
 
-    def fit(self, operator: CurvatureOperator, progress=None) -> Solver:  # pragma: no cover
+    #: Scorer parameters in signature order: names of shared ones, Param for own ones.
+    parameters: tuple = ()
+    #: The curvature the method approximates; None follows the scorer's ``hessian``.
+    curvature: str | None = None
+    scorer_name: str = ""
+    summary: str = ""
+    description: str = ""
+    curvature_note: str = ""
+    notes: str = ""
+    memory: str = ""
+    attributes: tuple = ()
+    warns: str = ""
+    raises: str = ""
+    examples: str = ""
+
+    def __init__(self, **params):
+        own = self.own_parameters()
+        unknown = sorted(set(params) - set(own))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unknown parameters {unknown}.")
+        for name, p in own.items():
+            setattr(self, name, params.get(name, p.default))
+
+    @classmethod
+    def own_parameters(cls) -> dict:
+        return {p.name: p for p in cls.parameters if isinstance(p, Param)}
+
+    # ------------------------------------------------------------ fit
+    def select_parameters(self, module, param_names: list[str]) -> list[str]:
+        """The parameters the method works on, among those selected (all of them)."""
+        return list(param_names)
+
+    def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
+        """Cheap checks of the method's parameters against the problem and the
+        scorer's ``mode``, before any work (rank against the number of parameters,
+        say)."""
+
+    def fit(self, operator: CurvatureOperator, progress=None, mode: str = "up") -> Solver:
+        """Build the approximation of ``A`` from ``operator``; returns self."""
+        self.check(operator, mode)
+        self.adapter_ = operator.adapter
+        self.n_params_ = operator.n_params
+        self.regularization_ = float(operator.regularization)
+        return self._fit(operator, progress)
+
+    def _fit(self, operator: CurvatureOperator, progress=None) -> Solver:  # pragma: no cover
         raise NotImplementedError
 
-    def solve(self, G: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    # ------------------------------------------------------------ operations
+    def solve(self, G: torch.Tensor, report: SolveReport | None = None) -> torch.Tensor:  # pragma: no cover
+        """``A^-1 G`` for flat gradients ``G`` (k, p), same shape and dtype."""
         raise NotImplementedError
+
+    def convergence_warning(self, report: SolveReport) -> str | None:
+        """The warning for a call whose solves did not all converge, or None."""
+        return None
+
+    def factors(self, X, Y, report: SolveReport | None = None) -> torch.Tensor:
+        """Test factors ``A^-1 grad l`` of the points (X, Y), in the solver's
+        coordinates (k, p)."""
+        return self.solve(per_sample_grads(self.adapter_, X, Y), report)
+
+    def parameter_factors(self, F: torch.Tensor) -> torch.Tensor:
+        """Factors from :meth:`factors` in the parameters' own coordinates."""
+        return F
+
+    def pairwise(self, F: torch.Tensor, X, Y) -> torch.Tensor:
+        """``F . grad l(x_j, y_j)`` for each point j of the block: (k, b)."""
+        return gradient_products(self.adapter_, F, X, Y)
+
+    def pairwise_blocks(self, F: torch.Tensor, X, Y) -> dict:
+        """:meth:`pairwise` split by layer: module name -> (k, b); they sum to it."""
+        G = per_sample_grads(self.adapter_, X, Y)
+        out = {}
+        for name, cols in self.adapter_.layer_slices().items():
+            out[name] = F[:, cols] @ G[:, cols].T
+        return out
+
+    def self_scores(self, X, Y, report: SolveReport | None = None) -> torch.Tensor:
+        """``grad l^T A^-1 grad l`` of each point of the block, (b,)."""
+        G = per_sample_grads(self.adapter_, X, Y)
+        return (self.solve(G, report) * G).sum(1)
+
+
+def pairwise_tile(solver: Solver, F: torch.Tensor, X, Y, mode: str = "up") -> torch.Tensor:
+    """One tile of the influence matrix: factors ``F`` against training block (X, Y).
+
+    A pure function of a fitted solver, a block of factors and a block of training
+    points (all picklable), so a tile can be computed in any process.
+
+    Parameters
+    ----------
+    solver : Solver
+        A fitted solver.
+    F : torch.Tensor of shape (k, p)
+        ``solver.factors(...)`` of the test points for ``mode="up"``; for
+        ``mode="perturbation"``, ``solver.parameter_factors`` of them.
+    X, Y : torch.Tensor
+        A block of training points, as the solver's adapter converted them.
+    mode : {"up", "perturbation"}
+        Influences, or their derivatives with respect to the training features.
+
+    Returns
+    -------
+    tile : torch.Tensor of shape (k, b) or (k, b, *x_shape)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skinfluence._adapters import build_adapter
+    >>> from skinfluence.solvers import CurvatureOperator, DirectSolver, pairwise_tile
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> a = build_adapter(model, loss=torch.nn.functional.cross_entropy)
+    >>> X, y = torch.randn(10, 3, dtype=torch.float64), torch.arange(10) % 2
+    >>> a.bind(X, 10)
+    >>> solver = DirectSolver().fit(CurvatureOperator(a, X, y, "exact", 0.1, 4))
+    >>> pairwise_tile(solver, solver.factors(X[:2], y[:2]), X, y).shape
+    torch.Size([2, 10])
+    """
+    adapter = solver.adapter_
+    with adapter.eval_mode():
+        if mode == "up":
+            return solver.pairwise(F, X, Y)
+        return gradient_products(adapter, F, X, Y, mode="perturbation")

@@ -1,12 +1,10 @@
 """Arnoldi (Lanczos) method: the top eigenpairs of the curvature by a Krylov method.
 
 The curvature ``C + P`` is symmetric, so Arnoldi's iteration is Lanczos's. It runs
-here as a *block* Lanczos with full reorthogonalisation: each step multiplies a block
-of vectors at once (one batched Hessian-vector product, far cheaper per vector than
-one product at a time), and the Rayleigh-Ritz problem on the whole Krylov basis is
-solved in float64. Every product is kept, so the Ritz residuals
-``||(C + P) v - theta v||`` come for free and the iteration stops as soon as the
-``rank`` wanted pairs have converged, or when the basis reaches
+here as a *block* Lanczos with full reorthogonalisation (``skinfluence._linalg``):
+each step multiplies a block of vectors at once (one batched Hessian-vector product,
+far cheaper per vector than one product at a time), and the iteration stops as soon
+as the ``rank`` wanted pairs have converged, or when the basis reaches
 ``krylov_dimension`` vectors.
 
 The inverse is applied exactly on the span ``V`` of the ``rank`` eigenvectors whose
@@ -19,117 +17,41 @@ curvature is taken to be zero there)::
 from __future__ import annotations
 
 import warnings
+from numbers import Integral, Real
 
 import numpy as np
-import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
 
-from ._base import CurvatureOperator, NotPositiveDefiniteError, Solver
-from .direct import suggest_regularization
-from .nystroem import (
-    LowRankInverse,
-    check_rank,
-    curvature_mv64,
-    orthonormal_rows,
-    random_rows,
-)
+from .._linalg import LowRankInverse, block_lanczos, not_positive_definite
+from ._base import Attribute, CurvatureOperator, Param, Solver, random_state_param
+from .nystroem import LOW_RANK_COMPLEMENT, check_rank
 
 __all__ = ["ArnoldiSolver"]
 
 
 def default_krylov_dimension(rank: int, n_params: int) -> int:
-    """An upper bound on the Krylov vectors ``rank`` well-converged pairs need."""
+    """An upper bound on the Krylov vectors ``rank`` well-converged pairs need.
+
+    Examples
+    --------
+    >>> default_krylov_dimension(10, 1000)
+    80
+    """
     return min(n_params, 4 * rank + 40)
 
 
 def default_block_size(rank: int) -> int:
     """Small blocks raise the polynomial degree reached per product; blocks of a
-    few vectors still amortise the cost of a Hessian-vector product."""
-    return int(np.clip(rank // 2, 4, 32))
+    few vectors still amortise the cost of a Hessian-vector product.
 
-
-def block_lanczos(
-    mv,
-    n_params: int,
-    rank: int,
-    *,
-    krylov_dimension: int,
-    block_size: int,
-    rtol: float,
-    rng: np.random.RandomState,
-    device,
-    which: str = "LM",
-    progress=None,
-):
-    """Top-``rank`` eigenpairs of a symmetric operator by block Lanczos.
-
-    Parameters
-    ----------
-    mv : callable
-        ``V -> V @ M`` for float64 rows ``V`` of shape (k, p).
-    which : {"LM", "LA"}
-        Largest magnitude or largest algebraic eigenvalues.
-    rtol : float
-        A Ritz pair ``(theta, v)`` has converged when
-        ``||M v - theta v|| <= rtol * max |theta|``.
-
-    Returns
-    -------
-    theta : tensor (rank,)
-        Ritz values, in decreasing order of magnitude ("LM") or value ("LA").
-    V : tensor (rank, p)
-        Orthonormal Ritz vectors, as rows.
-    residuals : tensor (rank,)
-        Relative Ritz residuals.
-    n_products : int
-        Number of vectors multiplied by ``mv``.
+    Examples
+    --------
+    >>> default_block_size(30)
+    15
     """
-    krylov_dimension = min(max(krylov_dimension, rank), n_params)
-    block = orthonormal_rows(random_rows(rng, min(block_size, krylov_dimension), n_params, device))
-    basis, images = [], []
-    size = 0
-    steps = range(n_params)  # the loop always ends by size or convergence
-    for _ in steps if progress is None else progress(steps, "Lanczos"):
-        W = mv(block)
-        basis.append(block)
-        images.append(W)
-        size += block.shape[0]
-        Q, AQ = torch.cat(basis), torch.cat(images)
-        T = Q @ AQ.T
-        T = 0.5 * (T + T.T)
-        vals, vecs = torch.linalg.eigh(T)
-        order = torch.argsort(vals.abs() if which == "LM" else vals, descending=True)[:rank]
-        theta, Y = vals[order], vecs[:, order]
-        V, AV = Y.T @ Q, Y.T @ AQ
-        scale = float(theta.abs().max()) if theta.numel() else 0.0
-        residuals = (AV - theta[:, None] * V).norm(dim=1) / max(scale, 1e-300)
-        if size >= krylov_dimension or bool((residuals <= rtol).all()):
-            break
-        # Next block: the part of M @ block not yet in the basis.
-        want = min(block_size, krylov_dimension - size)
-        block = _new_directions(W, Q, scale=float(W.norm(dim=1).max()))[:want]
-        if block.shape[0] < want:
-            # The basis is (nearly) invariant: continue with random directions.
-            extra = random_rows(rng, want - block.shape[0], n_params, device)
-            basis_now = torch.cat([Q, block])
-            block = torch.cat([block, _new_directions(extra, basis_now, scale=1.0)])[:want]
-        if block.shape[0] == 0:
-            break
-    return theta, V, residuals, size
-
-
-def _new_directions(R: torch.Tensor, Q: torch.Tensor, scale: float, drop: float = 1e-8):
-    """Orthonormal rows spanning the part of ``R``'s rows orthogonal to the rows of
-    ``Q``, leaving out directions below ``drop * scale`` (rounding, not signal: they
-    would not be orthogonal to ``Q``). Projected twice, against lost orthogonality."""
-    R = R / max(scale, 1e-300)
-    for _ in range(2):
-        R = R - (R @ Q.T) @ Q
-    if R.shape[0] == 0:
-        return R
-    _, S, Vh = torch.linalg.svd(R, full_matrices=False)
-    return Vh[S > drop]
+    return int(np.clip(rank // 2, 4, 32))
 
 
 class ArnoldiSolver(Solver):
@@ -158,32 +80,83 @@ class ArnoldiSolver(Solver):
     torch.Size([5])
     """
 
-    def __init__(
-        self, rank: int = 10, krylov_dimension=None, rtol: float = 1e-2, random_state=None
-    ):
-        self.rank = rank
-        self.krylov_dimension = krylov_dimension
-        self.rtol = rtol
-        self.random_state = random_state
+    parameters = (
+        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        Param("rank", 10, [Interval(Integral, 1, None, closed="left")], "int",
+              "Number of eigenpairs kept: those of largest magnitude."),
+        Param("krylov_dimension", None, [None, Interval(Integral, 1, None, closed="left")], "int",
+              """Most Krylov vectors (Hessian-vector products); None allows
+``min(n_params, 4 * rank + 40)``. The iteration stops earlier once the
+``rank`` pairs have converged."""),
+        Param("rtol", 1e-2, [Interval(Real, 0, None, closed="left")], "float",
+              """A Ritz pair ``(e, v)`` has converged when ``||(H + P) v - e v||`` is at most
+rtol times the largest eigenvalue. Eigenvalue errors shrink with the square
+of this residual: 1e-2 typically leaves them well below 1%."""),
+        "batch_size", "dtype", "device", "progress",
+        random_state_param("the Lanczos start block"),
+    )
+    scorer_name = "ArnoldiInfluenceScorer"
+    summary = "Influence functions from the top eigenpairs of the curvature (Lanczos)."
+    description = f"""
+    Finds the ``rank`` eigenpairs of largest magnitude of the curvature (plus the
+    estimator's penalty) by block Lanczos, the symmetric form of Arnoldi's method:
+    blocks of Hessian-vector products, full reorthogonalisation and a Rayleigh-Ritz
+    problem in float64, stopped when the wanted pairs have converged. The inverse is
+    applied exactly on their span V. {LOW_RANK_COMPLEMENT}"""
+    memory = """
+    Memory: ``2 * krylov_dimension`` vectors of length p while fitting, ``rank``
+    afterwards."""
+    attributes = (
+        Attribute("eigenvalues_", "ndarray of shape (rank,)",
+                  """Eigenvalues of the curvature plus penalty (without ``regularization``), in
+decreasing order of magnitude."""),
+    )
+    warns = """
+    ConvergenceWarning
+        When ``krylov_dimension`` vectors did not make the pairs converge."""
+    raises = """
+    NotPositiveDefiniteError
+        When a kept eigenvalue plus ``regularization`` is not positive."""
+    examples = """
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfluence import ArnoldiInfluenceScorer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X = StandardScaler().fit_transform(X)
+    >>> model = LogisticRegression().fit(X[:200], y[:200])
+    >>> scorer = ArnoldiInfluenceScorer(model, rank=5, regularization=0.01, random_state=0)
+    >>> scorer = scorer.fit(X[:200], y[:200])
+    >>> scorer.eigenvalues_.shape
+    (5,)
+    >>> bool(np.all(np.diff(scorer.eigenvalues_) <= 0))
+    True
+    >>> scorer.influences(X[200:210], y[200:210]).shape
+    (10, 200)"""
 
-    def fit(self, operator: CurvatureOperator, progress=None) -> ArnoldiSolver:
-        p, lam = operator.n_params, float(operator.regularization)
-        check_rank(self.rank, p, lam, "ArnoldiInfluenceScorer")
+    def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
+        p = operator.n_params
+        check_rank(self.rank, p, float(operator.regularization), self.scorer_name)
         dim = self.krylov_dimension or default_krylov_dimension(self.rank, p)
         if dim < self.rank:
             raise ValueError(
                 f"krylov_dimension: got krylov_dimension={dim} < rank={self.rank}; "
                 f"use krylov_dimension >= rank (None picks {default_krylov_dimension(self.rank, p)})."
             )
+
+    def _fit(self, operator: CurvatureOperator, progress=None) -> ArnoldiSolver:
+        p, lam = operator.n_params, self.regularization_
+        dim = self.krylov_dimension or default_krylov_dimension(self.rank, p)
         theta, V, residuals, n_products = block_lanczos(
-            lambda X: curvature_mv64(operator, X),
+            operator.curvature_mv,
             p,
             self.rank,
             krylov_dimension=dim,
             block_size=default_block_size(self.rank),
             rtol=self.rtol,
             rng=check_random_state(self.random_state),
-            device=operator.adapter.device,
+            device=operator.device,
             progress=progress,
         )
         if not bool((residuals <= self.rtol).all()) and n_products < p:
@@ -194,29 +167,20 @@ class ArnoldiSolver(Solver):
                 f"{worst:.2e} > rtol={self.rtol:g} ({int((residuals > self.rtol).sum())} "
                 f"of {self.rank} pairs). Increase krylov_dimension or rtol.",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         low = float((theta + lam).min()) if theta.numel() else lam
         if low <= 0:
             lam_min, lam_max = float(theta.min()), float(theta.abs().max())
-            raise NotPositiveDefiniteError(
-                f"regularization: the {operator.curvature} curvature has the eigenvalue "
-                f"{lam_min:.3g}, so with regularization={lam:g} it is not positive "
-                f"definite. Use regularization={suggest_regularization(lam_min, lam_max):g} "
-                "or larger"
-                + (
-                    ", or hessian='gauss-newton', which is positive semi-definite."
-                    if operator.curvature == "exact"
-                    else "."
-                )
+            raise not_positive_definite(
+                operator.curvature, lam, f"it has the eigenvalue {lam_min:.3g}", lam_min, lam_max
             )
         self.eigenvalues_ = theta
         self.eigenvectors_ = V
         self.residuals_ = residuals
         self.n_products_ = n_products
-        self.regularization_ = lam
         self.inverse_ = LowRankInverse(theta, V, lam)
         return self
 
-    def solve(self, G: torch.Tensor) -> torch.Tensor:
+    def solve(self, G, report=None):
         return self.inverse_(G)

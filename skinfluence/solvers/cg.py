@@ -27,18 +27,17 @@ Preconditioners (applied to the residual block):
 
 from __future__ import annotations
 
-import warnings
+from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 from torch.func import hessian, jacrev, vmap
 
 from .._gradients import batch_slices
-from ._base import CurvatureOperator, NotPositiveDefiniteError, Solver
-from .direct import suggest_regularization
-from .nystroem import curvature_mv64, nystroem_sketch, working_eps
+from .._linalg import not_positive_definite, nystroem_sketch
+from ._base import Attribute, CurvatureOperator, Param, Solver, SolveReport, random_state_param
 
 __all__ = ["CgSolver"]
 
@@ -78,9 +77,10 @@ class CgSolver(Solver):
     Memory: about six blocks of k vectors of length p for k right-hand sides, plus
     the preconditioner (``rank`` vectors, or one vector for Jacobi).
 
-    After each ``solve``: ``n_iter_`` (iterations), ``residuals_`` (final relative
-    residual of each right-hand side, as tracked by the recurrence) and
-    ``converged_`` (whether each met the tolerance).
+    Each ``solve`` adds to the :class:`~skinfluence.solvers.SolveReport` it is given
+    the iterations, the final relative residual of each right-hand side (as tracked
+    by the recurrence) and whether each met the tolerance; the solver itself is not
+    changed.
 
     Examples
     --------
@@ -88,6 +88,7 @@ class CgSolver(Solver):
     >>> from sklearn.datasets import load_breast_cancer
     >>> from sklearn.linear_model import LogisticRegression
     >>> from skinfluence import CgInfluenceScorer
+    >>> from skinfluence.solvers import SolveReport
     >>> X, y = load_breast_cancer(return_X_y=True)
     >>> X = (X - X.mean(0)) / X.std(0)
     >>> model = LogisticRegression().fit(X, y)
@@ -96,49 +97,93 @@ class CgSolver(Solver):
     >>> type(solver).__name__
     'CgSolver'
     >>> g = torch.ones(2, 31, dtype=torch.float64)  # two flat gradients
-    >>> solver.solve(g).shape
+    >>> report = SolveReport()
+    >>> solver.solve(g, report).shape
     torch.Size([2, 31])
-    >>> int(solver.n_iter_) > 0, bool(solver.converged_.all())
+    >>> report.n_iter > 0, bool(report.converged.all())
     (True, True)
     """
 
-    def __init__(
-        self,
-        rtol: float = 1e-5,
-        atol: float = 0.0,
-        maxiter=None,
-        preconditioner=None,
-        rank: int = 10,
-        random_state=None,
-        show_progress: bool = False,
-    ):
-        self.rtol = rtol
-        self.atol = atol
-        self.maxiter = maxiter
-        self.preconditioner = preconditioner
-        self.rank = rank
-        self.random_state = random_state
-        self.show_progress = show_progress
+    parameters = (
+        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        Param("rtol", 1e-5, [Interval(Real, 0, None, closed="left")], "float",
+              """Stop when ``||g - A x|| <= max(rtol * ||g||, atol)`` for every right-hand side
+``g`` (A the curvature plus penalty plus regularization)."""),
+        Param("atol", 0.0, [Interval(Real, 0, None, closed="left")], "float",
+              "Absolute tolerance of the same rule."),
+        Param("maxiter", None, [None, Interval(Integral, 1, None, closed="left")], "int",
+              """Most block iterations per solve; None allows ``n_params``, the number exact
+arithmetic would need at most."""),
+        Param("preconditioner", None, [None, StrOptions({"nystroem", "jacobi"})],
+              '{None, "nystroem", "jacobi"}',
+              """"nystroem": a randomized Nystroem sketch of rank ``rank`` removes the largest
+eigenvalues from the spectrum (Frangella, Tropp & Udell 2023). "jacobi": the
+inverse of the exact Gauss-Newton diagonal (the Gauss-Newton part of the
+Hessian's diagonal for ``hessian="exact"``), from per-sample output Jacobians."""),
+        Param("rank", 10, [Interval(Integral, 1, None, closed="left")], "int",
+              "Rank of the Nystroem preconditioner."),
+        "batch_size", "dtype", "device", "progress",
+        random_state_param("the Nystroem preconditioner's sketch"),
+    )
+    scorer_name = "CgInfluenceScorer"
+    summary = "Influence functions by conjugate gradients, without forming the Hessian."
+    description = """
+    Solves ``(H + lambda I) x = grad l(test)`` for all test points of a batch at once
+    with block preconditioned conjugate gradients (Ji & Li 2017): the right-hand sides
+    share one block Krylov space, so k of them cost about ``k * n_iter_``
+    Hessian-vector products, and converged ones leave the block. Exact up to the
+    tolerance; the curvature plus regularization must be positive definite."""
+    memory = """
+    Memory: about six blocks of ``batch_size`` vectors of length p while solving,
+    plus the preconditioner (``rank`` vectors)."""
+    attributes = (
+        Attribute("n_iter_", "int", """Iterations of the most recent call that solved systems (the largest over
+its blocks of right-hand sides): a diagnostic of that call, not fitted state.""",
+                  when="solve"),
+        Attribute("residuals_", "ndarray of shape (n_rhs,)", """Final relative residuals ``||g - A x|| / ||g||`` of every right-hand side of
+the most recent call that solved systems.""", when="solve"),
+    )
+    warns = """
+    ConvergenceWarning
+        When a right-hand side did not reach the tolerance within ``maxiter``."""
+    raises = """
+    NotPositiveDefiniteError
+        When the iteration meets negative curvature: increase ``regularization`` or
+        use ``hessian="gauss-newton"``."""
+    examples = """
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfluence import CgInfluenceScorer, DirectInfluenceScorer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X = StandardScaler().fit_transform(X)
+    >>> model = LogisticRegression().fit(X[:200], y[:200])
+    >>> cg = CgInfluenceScorer(model, regularization=0.01, rtol=1e-8, dtype="float64")
+    >>> I = cg.fit(X[:200], y[:200]).influences(X[200:210], y[200:210])
+    >>> I.shape, cg.n_iter_ <= 31
+    ((10, 200), True)
+    >>> exact = DirectInfluenceScorer(model, regularization=0.01, dtype="float64")
+    >>> bool(np.allclose(I, exact.fit(X[:200], y[:200]).influences(X[200:210], y[200:210])))
+    True"""
+
+    def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
+        p = operator.n_params
+        if self.preconditioner == "nystroem" and self.rank > p:
+            raise ValueError(
+                f"rank: the Nystroem preconditioner got rank={self.rank}, but the model "
+                f"has only {p} parameters; use rank <= {p}."
+            )
 
     # ------------------------------------------------------------------ fit
-    def fit(self, operator: CurvatureOperator, progress=None) -> CgSolver:
+    def _fit(self, operator: CurvatureOperator, progress=None) -> CgSolver:
         self.operator_ = operator
-        lam = float(operator.regularization)
+        lam = self.regularization_
         self.preconditioner_ = None
         if self.preconditioner == "nystroem":
-            p = operator.n_params
-            if self.rank > p:
-                raise ValueError(
-                    f"rank: the Nystroem preconditioner got rank={self.rank}, but the model "
-                    f"has only {p} parameters; use rank <= {p}."
-                )
             s, U = nystroem_sketch(
-                lambda V: curvature_mv64(operator, V),
-                p,
-                self.rank,
-                check_random_state(self.random_state),
-                working_eps(operator),
-                operator.adapter.device,
+                operator.curvature_mv, operator.n_params, self.rank,
+                check_random_state(self.random_state), operator.eps, operator.device,
             )
             keep = s + lam > 0
             s, U = s[keep], U[keep]
@@ -152,10 +197,12 @@ class CgSolver(Solver):
         elif self.preconditioner == "jacobi":
             d = gauss_newton_diagonal(operator) + lam
             if not bool((d > 0).all()):
-                raise NotPositiveDefiniteError(
-                    "regularization: the Jacobi preconditioner needs a positive diagonal; "
-                    "some parameters have zero curvature and regularization=0. Use "
-                    "regularization > 0 or preconditioner='nystroem'."
+                raise not_positive_definite(
+                    operator.curvature, lam,
+                    "some parameters have zero curvature, so the Jacobi preconditioner "
+                    "has no positive diagonal (use preconditioner='nystroem' or "
+                    "regularization > 0)",
+                    0.0, float(d.max()),
                 )
             self.preconditioner_ = ("jacobi", d.to(operator.adapter.dtype))
         return self
@@ -173,13 +220,12 @@ class CgSolver(Solver):
         return self.operator_.mv(V.to(self.operator_.adapter.dtype)).to(V.dtype)
 
     # ------------------------------------------------------------------ solve
-    def solve(self, G: torch.Tensor) -> torch.Tensor:
+    def solve(self, G: torch.Tensor, report: SolveReport | None = None) -> torch.Tensor:
         op = self.operator_
         # Blocks of vectors stay in the working precision (float32 for most models:
         # half the memory and time of the many k x p products); the small k x k
         # systems are solved in float64.
         wd = op.adapter.dtype
-        k = G.shape[0]
         norms = G.to(torch.float64).norm(dim=1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         tol = torch.clamp(self.atol / safe, min=self.rtol)  # relative to each ||g||
@@ -187,17 +233,18 @@ class CgSolver(Solver):
         residuals = (norms > 0).to(torch.float64)
         active = torch.nonzero(residuals > tol).flatten()
         R = (G[active].to(torch.float64) / safe[active, None]).to(wd)
-        maxiter = self.maxiter if self.maxiter is not None else op.n_params
-        n_iter = 0
+        maxiter = self._maxiter()
+        n_iter, n_products = 0, 0
         P = _unit_rows(self._precondition(R))
         bar = None
-        if self.show_progress and active.numel():
+        if report is not None and report.progress and active.numel():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=maxiter, desc="conjugate gradients", leave=False)
         try:
             while active.numel() and n_iter < maxiter:
                 Q = self._mv(P)
+                n_products += P.shape[0]
                 # A-orthonormalise the search block through the eigenvectors of
                 # P A P^T, dropping directions that became dependent (the block
                 # breakdown of plain block CG).
@@ -230,25 +277,28 @@ class CgSolver(Solver):
             if bar is not None:
                 bar.close()
         X = X.to(torch.float64) * safe[:, None]
-        converged = residuals <= tol
-        self.n_iter_ = n_iter
-        self.residuals_ = residuals.cpu().numpy()
-        self.converged_ = converged.cpu().numpy()
-        if not bool(converged.all()):
-            bad = int((~converged).sum())
-            warnings.warn(
-                f"Conjugate gradients did not converge for {bad} of {k} right-hand "
-                f"sides within maxiter={maxiter} iterations: the largest relative "
-                f"residual is {float(residuals.max()):.2e} (rtol={self.rtol:g}, "
-                f"atol={self.atol:g}). Increase maxiter, use preconditioner='nystroem' "
-                "with a larger rank, or increase regularization.",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+        if report is not None:
+            converged = residuals <= tol
+            report.add(n_iter, residuals.cpu().numpy(), converged.cpu().numpy(), n_products)
         return X.to(G.dtype)
 
+    def _maxiter(self) -> int:
+        return self.maxiter if self.maxiter is not None else self.operator_.n_params
 
-def _negative_curvature(op: CurvatureOperator, P, PAP) -> NotPositiveDefiniteError:
+    def convergence_warning(self, report: SolveReport) -> str | None:
+        converged = report.converged
+        if converged.all():
+            return None
+        return (
+            f"Conjugate gradients did not converge for {int((~converged).sum())} of "
+            f"{converged.size} right-hand sides within maxiter={self._maxiter()} "
+            f"iterations: the largest relative residual is {float(report.residuals.max()):.2e} "
+            f"(rtol={self.rtol:g}, atol={self.atol:g}). Increase maxiter, use "
+            "preconditioner='nystroem' with a larger rank, or increase regularization."
+        )
+
+
+def _negative_curvature(op: CurvatureOperator, P, PAP):
     """The error for a search block along which A is not positive definite, with the
     most negative Rayleigh quotient found (an upper bound on A's smallest eigenvalue)."""
     # The block may be linearly dependent: work on the range of its Gram matrix.
@@ -260,17 +310,10 @@ def _negative_curvature(op: CurvatureOperator, P, PAP) -> NotPositiveDefiniteErr
     quotients = torch.linalg.eigvalsh(0.5 * (M + M.T))
     lam = float(op.regularization)
     lowest, highest = float(quotients[0]) - lam, float(quotients[-1]) - lam
-    return NotPositiveDefiniteError(
-        f"regularization: the {op.curvature} curvature plus regularization={lam:g} is "
-        "not positive definite: conjugate gradients found a direction along which the "
-        f"curvature is {lowest:.3g}. Use regularization="
-        f"{suggest_regularization(lowest, highest):g} or larger (its smallest eigenvalue "
-        "may be lower still)"
-        + (
-            ", or hessian='gauss-newton', which is positive semi-definite."
-            if op.curvature == "exact"
-            else "."
-        )
+    return not_positive_definite(
+        op.curvature, lam,
+        f"conjugate gradients found a direction along which the curvature is {lowest:.3g}",
+        lowest, highest, bound=True,
     )
 
 

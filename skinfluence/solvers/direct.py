@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._gradients import dense_curvature
-from ._base import CurvatureOperator, NotPositiveDefiniteError, Solver
+from .._linalg import not_positive_definite
+from ._base import CurvatureOperator, Solver
+from ._dense import dense_curvature
 
-
-def suggest_regularization(min_eigenvalue: float, max_eigenvalue: float) -> float:
-    """A regularization that lifts the smallest eigenvalue safely above zero.
-
-    Half as much again as the most negative eigenvalue, plus a relative floor for a
-    singular matrix, rounded up to one significant digit.
-
-    Parameters
-    ----------
-    min_eigenvalue, max_eigenvalue : float
-        Extreme eigenvalues of the curvature without regularization.
-
-    Returns
-    -------
-    regularization : float
-
-    Examples
-    --------
-    >>> suggest_regularization(-2.59, 40.0)
-    4
-    """
-    need = 1.5 * max(-min_eigenvalue, 0.0) + 1e-6 * max(abs(max_eigenvalue), 1.0)
-    digits = math.floor(math.log10(need))
-    return math.ceil(need / 10**digits) * 10**digits
+__all__ = ["DirectSolver"]
 
 
 class DirectSolver(Solver):
@@ -56,7 +32,39 @@ class DirectSolver(Solver):
     True
     """
 
-    def fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
+    parameters = (
+        "estimator", "loss", "params", "regularization", "mode", "hessian", "batch_size",
+        "dtype", "device", "progress",
+    )
+    scorer_name = "DirectInfluenceScorer"
+    summary = "Influence functions with the exact inverse curvature."
+    description = """
+    Forms the p x p Hessian (or Gauss-Newton matrix) of the mean training loss, adds
+    the estimator's penalty and ``regularization``, and factorises it by Cholesky. The
+    reference method: exact, affordable up to a few thousand parameters."""
+    memory = """
+    Memory: the p x p matrix and its Cholesky factor, plus ``batch_size`` samples'
+    gradients at a time, plus the test points' factors (n_test x p) while
+    computing influences."""
+    raises = """
+    NotPositiveDefiniteError
+        From ``fit``, when the curvature plus ``regularization`` is not positive
+        definite; the message suggests a regularization that is."""
+    examples = """
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfluence import DirectInfluenceScorer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X = StandardScaler().fit_transform(X)
+    >>> model = LogisticRegression().fit(X[:200], y[:200])
+    >>> scorer = DirectInfluenceScorer(model, regularization=0.0).fit(X[:200], y[:200])
+    >>> scorer.transform(X[200:210], y[200:210]).shape
+    (10, 200)
+    >>> scorer.self_influence().shape
+    (200,)"""
+
+    def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
         a = operator.adapter
         A = dense_curvature(
             a, operator.X, operator.Y, operator.curvature, operator.batch_size, progress=progress
@@ -69,20 +77,13 @@ class DirectSolver(Solver):
             A.diagonal().sub_(operator.regularization)
             eig = torch.linalg.eigvalsh(A.double())
             lam_min, lam_max = float(eig[0]), float(eig[-1])
-            raise NotPositiveDefiniteError(
-                f"regularization: the {operator.curvature} curvature plus "
-                f"regularization={operator.regularization:g} is not positive definite "
-                f"(its smallest eigenvalue without regularization is {lam_min:.3g}). "
-                f"Use regularization={suggest_regularization(lam_min, lam_max):g} or larger"
-                + (
-                    ", or hessian='gauss-newton', which is positive semi-definite."
-                    if operator.curvature == "exact"
-                    else "."
-                )
+            raise not_positive_definite(
+                operator.curvature, operator.regularization,
+                f"its smallest eigenvalue without regularization is {lam_min:.3g}",
+                lam_min, lam_max,
             )
         self.cholesky_ = L
-        self.n_params_ = a.n_params
         return self
 
-    def solve(self, G: torch.Tensor) -> torch.Tensor:
+    def solve(self, G: torch.Tensor, report=None) -> torch.Tensor:
         return torch.cholesky_solve(G.T.to(self.cholesky_.dtype), self.cholesky_).T

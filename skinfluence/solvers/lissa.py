@@ -33,17 +33,15 @@ stops with :class:`LissaDivergenceError` rather than running into NaN.
 
 from __future__ import annotations
 
-import warnings
+from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import CurvatureOperator, NotPositiveDefiniteError, Solver
-from .arnoldi import block_lanczos
-from .direct import suggest_regularization
-from .nystroem import curvature_mv64
+from .._linalg import block_lanczos, not_positive_definite
+from ._base import Attribute, CurvatureOperator, Param, Solver, SolveReport, random_state_param
 
 __all__ = ["LissaDivergenceError", "LissaSolver"]
 
@@ -63,9 +61,10 @@ class LissaSolver(Solver):
     Memory: three blocks of k vectors of length p for k right-hand sides.
 
     After ``fit``: ``scale_`` (the scale used) and ``max_eigenvalue_`` (the Lanczos
-    estimate, with ``scale="auto"``). After each ``solve``: ``n_iter_`` (iterations
-    of the slowest right-hand side), ``residuals_`` (final relative update of each)
-    and ``converged_``.
+    estimate, with ``scale="auto"``). Each ``solve`` adds to the
+    :class:`~skinfluence.solvers.SolveReport` it is given the iterations of the
+    slowest right-hand side, the final relative update of each and whether each
+    converged.
 
     Examples
     --------
@@ -73,6 +72,7 @@ class LissaSolver(Solver):
     >>> from sklearn.datasets import load_breast_cancer
     >>> from sklearn.linear_model import LogisticRegression
     >>> from skinfluence import LissaInfluenceScorer
+    >>> from skinfluence.solvers import SolveReport
     >>> X, y = load_breast_cancer(return_X_y=True)
     >>> X = (X - X.mean(0)) / X.std(0)
     >>> model = LogisticRegression().fit(X, y)
@@ -81,54 +81,105 @@ class LissaSolver(Solver):
     >>> type(solver).__name__
     'LissaSolver'
     >>> g = torch.ones(2, 31, dtype=torch.float64)  # two flat gradients
-    >>> solver.solve(g).shape
+    >>> report = SolveReport()
+    >>> solver.solve(g, report).shape
     torch.Size([2, 31])
-    >>> bool(solver.converged_.all()), solver.n_iter_ < 1000
+    >>> bool(report.converged.all()), report.n_iter < 1000
     (True, True)
     """
 
-    def __init__(
-        self,
-        scale="auto",
-        dampen: float = 0.0,
-        maxiter: int = 1000,
-        rtol: float = 1e-4,
-        minibatch_size=None,
-        random_state=None,
-        show_progress: bool = False,
-    ):
-        self.scale = scale
-        self.dampen = dampen
-        self.maxiter = maxiter
-        self.rtol = rtol
-        self.minibatch_size = minibatch_size
-        self.random_state = random_state
-        self.show_progress = show_progress
+    parameters = (
+        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        Param("scale", "auto", [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
+              '"auto" or float', """s in ``h <- g + (1 - dampen) h - (H + lambda I) h / s``. The iteration
+converges when every eigenvalue of ``(H + lambda I) / s`` lies in (0, 2).
+"auto" starts from the largest eigenvalue ``a_max``, estimated by a few block
+Lanczos steps (``max_eigenvalue_``): with all training points per step it
+takes ``(1.05 a_max + lambda) / 2``, the scale that converges fastest when
+the curvature is positive semi-definite; with minibatches it takes
+``1.05 a_max``, the classical LiSSA condition."""),
+        Param("dampen", 0.0, [Interval(Real, 0, 1, closed="left")], "float",
+              """Shrinks the iterate each step; the result is ``(H + (lambda + dampen * s) I)^-1
+g``, so dampening is extra regularization that speeds up convergence."""),
+        Param("maxiter", 1000, [Interval(Integral, 1, None, closed="left")], "int",
+              "Most iterations per solve."),
+        Param("rtol", 1e-4, [Interval(Real, 0, None, closed="left")], "float",
+              """A right-hand side stops when its relative update ``||h_new - h|| / ||h_new||``
+falls below rtol."""),
+        Param("minibatch_size", None, [None, Interval(Integral, 1, None, closed="left")], "int",
+              """Training points per step, drawn without replacement (seeded by
+``random_state``). None uses all of them: the iteration is then deterministic
+and converges linearly. A minibatch makes a step cheaper but leaves noise in
+the result that more iterations do not remove."""),
+        "batch_size", "dtype", "device", "progress",
+        random_state_param("the Lanczos start of scale='auto' and the minibatches"),
+    )
+    scorer_name = "LissaInfluenceScorer"
+    summary = "Influence functions by LiSSA, the stochastic Neumann series."
+    description = """
+    Iterates ``h <- g + (1 - dampen) h - A_t h / scale`` from ``h = g`` and returns
+    ``h / scale`` (Agarwal et al. 2017; Koh & Liang 2017), with ``A_t`` the curvature
+    plus penalty plus regularization over a minibatch, or over all training points
+    when ``minibatch_size`` is None. ``scale="auto"`` picks the scale from the
+    largest eigenvalue, so the series converges without tuning; an iteration that
+    grows stops with a :class:`~skinfluence.solvers.LissaDivergenceError` that says
+    what to change, instead of running into NaN."""
+    memory = """
+    Memory: three blocks of ``batch_size`` vectors of length p while solving."""
+    attributes = (
+        Attribute("scale_", "float", "The scale used."),
+        Attribute("max_eigenvalue_", "float or None", """Estimated largest eigenvalue of the curvature plus regularization (with
+``scale="auto"``)."""),
+        Attribute("n_iter_", "int", """Iterations of the slowest right-hand side of the most recent call that solved
+systems: a diagnostic of that call, not fitted state.""", when="solve"),
+        Attribute("residuals_", "ndarray of shape (n_rhs,)",
+                  "Final relative updates of every right-hand side of that call.", when="solve"),
+    )
+    warns = """
+    ConvergenceWarning
+        When a right-hand side did not reach ``rtol`` within ``maxiter``."""
+    raises = """
+    LissaDivergenceError
+        When the iteration diverges; the message gives the scale used and the
+        remedies."""
+    examples = """
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfluence import DirectInfluenceScorer, LissaInfluenceScorer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X = StandardScaler().fit_transform(X)
+    >>> model = LogisticRegression().fit(X[:200], y[:200])
+    >>> lissa = LissaInfluenceScorer(model, regularization=0.1, rtol=1e-8, random_state=0)
+    >>> I = lissa.fit(X[:200], y[:200]).influences(X[200:210], y[200:210])
+    >>> exact = DirectInfluenceScorer(model, regularization=0.1).fit(X[:200], y[:200])
+    >>> bool(np.corrcoef(I.ravel(), exact.influences(X[200:210], y[200:210]).ravel())[0, 1] > 0.999)
+    True"""
 
-    def fit(self, operator: CurvatureOperator, progress=None) -> LissaSolver:
+    def _fit(self, operator: CurvatureOperator, progress=None) -> LissaSolver:
         rng = check_random_state(self.random_state)
-        lam = float(operator.regularization)
+        lam = self.regularization_
         self.max_eigenvalue_ = None
         if isinstance(self.scale, str):  # "auto"
             p = operator.n_params
             theta, _, _, _ = block_lanczos(
-                lambda V: curvature_mv64(operator, V),
+                operator.curvature_mv,
                 p,
                 1,
                 krylov_dimension=min(p, 24),
                 block_size=min(p, 8),
                 rtol=1e-3,
                 rng=rng,
-                device=operator.adapter.device,
+                device=operator.device,
                 which="LA",
                 progress=progress,
             )
             top = float(theta[0]) + lam
             if top <= 0:
-                raise NotPositiveDefiniteError(
-                    f"regularization: the largest eigenvalue of the {operator.curvature} "
-                    f"curvature plus regularization={lam:g} is {top:.3g} <= 0. Use "
-                    f"regularization={suggest_regularization(top - lam, top - lam):g} or larger."
+                raise not_positive_definite(
+                    operator.curvature, lam, f"its largest eigenvalue is {top:.3g} <= 0",
+                    top - lam, top - lam,
                 )
             self.max_eigenvalue_ = top
             if self._stochastic(operator):
@@ -147,14 +198,10 @@ class LissaSolver(Solver):
     def _mv(self, H: torch.Tensor, rng: np.random.RandomState) -> torch.Tensor:
         op = self.operator_
         if self._stochastic(op):
-            idx = rng.choice(op.n_train, self.minibatch_size, replace=False)
-            idx = torch.as_tensor(idx, device=op.X.device)
-            op = CurvatureOperator(
-                op.adapter, op.X[idx], op.Y[idx], op.curvature, op.regularization, op.batch_size
-            )
-        return curvature_mv64(op, H) + float(op.regularization) * H
+            op = op.subset(rng.choice(op.n_train, self.minibatch_size, replace=False))
+        return op.curvature_mv(H) + float(op.regularization) * H
 
-    def solve(self, G: torch.Tensor) -> torch.Tensor:
+    def solve(self, G: torch.Tensor, report: SolveReport | None = None) -> torch.Tensor:
         s, keep = self.scale_, 1.0 - float(self.dampen)
         rng = np.random.RandomState(self.seed_)
         B = G.to(torch.float64)
@@ -163,9 +210,9 @@ class LissaSolver(Solver):
         residuals = torch.zeros(k, dtype=torch.float64, device=B.device)
         smallest = torch.full_like(residuals, float("inf"))
         active = torch.nonzero(B.norm(dim=1) > 0).flatten()
-        n_iter = 0
+        n_iter, n_products = 0, 0
         steps = range(self.maxiter)
-        if self.show_progress:
+        if report is not None and report.progress:
             from tqdm.auto import tqdm
 
             steps = tqdm(steps, desc="LiSSA", leave=False)
@@ -174,6 +221,7 @@ class LissaSolver(Solver):
                 break
             Ha = H[active]
             new = B[active] + keep * Ha - self._mv(Ha, rng) / s
+            n_products += Ha.shape[0]
             update = (new - Ha).norm(dim=1)
             size = new.norm(dim=1)
             n_iter = t + 1
@@ -185,23 +233,24 @@ class LissaSolver(Solver):
             active = active[rel > self.rtol]
         if hasattr(steps, "close"):
             steps.close()
-        converged = residuals <= self.rtol
-        self.n_iter_ = n_iter
-        self.residuals_ = residuals.cpu().numpy()
-        self.converged_ = converged.cpu().numpy()
-        if not bool(converged.all()):
-            warnings.warn(
-                f"LiSSA did not converge for {int((~converged).sum())} of {k} right-hand "
-                f"sides within maxiter={self.maxiter} iterations: the largest relative "
-                f"update is {float(residuals.max()):.2e} > rtol={self.rtol:g}. Increase "
-                "maxiter or regularization"
-                + (", or use a larger minibatch_size (minibatch noise keeps the iterate "
-                   "moving)" if self.minibatch_size is not None else "")
-                + ".",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+        if report is not None:
+            converged = residuals <= self.rtol
+            report.add(n_iter, residuals.cpu().numpy(), converged.cpu().numpy(), n_products)
         return (H / s).to(G.dtype)
+
+    def convergence_warning(self, report: SolveReport) -> str | None:
+        converged = report.converged
+        if converged.all():
+            return None
+        return (
+            f"LiSSA did not converge for {int((~converged).sum())} of {converged.size} "
+            f"right-hand sides within maxiter={self.maxiter} iterations: the largest "
+            f"relative update is {float(report.residuals.max()):.2e} > rtol={self.rtol:g}. "
+            "Increase maxiter or regularization"
+            + (", or use a larger minibatch_size (minibatch noise keeps the iterate "
+               "moving)" if self.minibatch_size is not None else "")
+            + "."
+        )
 
     def _check_divergence(self, t, update, size, smallest):
         finite = bool(torch.isfinite(update).all() and torch.isfinite(size).all())

@@ -10,109 +10,48 @@ low-rank matrix plus ``lambda I``::
     x = U diag(1 / (s + lambda)) U^T g + (g - U U^T g) / lambda
 
 so on the complement of the sketched subspace the curvature is taken to be zero.
-
-The sketch is also the Nystroem preconditioner of the conjugate-gradient solver.
-Small helpers shared by the matrix-free solvers live here too.
 """
 
 from __future__ import annotations
 
-import math
+from numbers import Integral
 
-import numpy as np
-import torch
 from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval
 
-from ._base import CurvatureOperator, NotPositiveDefiniteError, Solver
+from .._linalg import LowRankInverse, not_positive_definite, nystroem_sketch
+from ._base import Attribute, CurvatureOperator, Param, Solver, random_state_param
 
 __all__ = ["NystroemSolver"]
 
+LOW_RANK_COMPLEMENT = (
+    "On the complement of that subspace the curvature is taken to be zero, so the "
+    "inverse there is ``1 / regularization`` (as in pyDVL): "
+    "``x = V diag(1 / (e + lambda)) V^T g + (g - V V^T g) / lambda``. "
+    "``regularization`` must therefore be positive unless ``rank`` equals the number "
+    "of parameters."
+)
 
-def curvature_mv64(operator: CurvatureOperator, V: torch.Tensor) -> torch.Tensor:
-    """``V @ (C + P)`` (no regularization) for float64 rows ``V``, returned in float64.
 
-    The products run in the adapter's working dtype; the linear algebra around them
-    stays in float64 so that small dense problems lose nothing to rounding.
+def check_rank(rank: int, n_params: int, regularization: float, name: str) -> None:
+    """The rank must fit the model, and a partial rank needs ``regularization > 0``.
+
+    Examples
+    --------
+    >>> check_rank(5, 10, 0.1, "NystroemInfluenceScorer")
     """
-    a = operator.adapter
-    W = V.to(dtype=a.dtype, device=a.device)
-    out = operator.data_mv(W)
-    if not a.penalty.is_zero:
-        out = out + a.penalty.mv(W)
-    return out.to(torch.float64)
-
-
-def random_rows(rng: np.random.RandomState, k: int, p: int, device) -> torch.Tensor:
-    """``k`` standard Gaussian rows of length ``p`` in float64, drawn from ``rng``."""
-    return torch.from_numpy(rng.standard_normal((k, p))).to(device)
-
-
-def orthonormal_rows(Z: torch.Tensor, drop: float = 1e-10) -> torch.Tensor:
-    """An orthonormal basis (as rows) of the row space of ``Z``.
-
-    Directions whose singular value is below ``drop`` times the largest are left out,
-    so (nearly) dependent rows never produce a singular Gram matrix downstream.
-    """
-    if Z.shape[0] == 0:
-        return Z
-    _, S, Vh = torch.linalg.svd(Z, full_matrices=False)
-    if S.numel() == 0 or S[0] == 0:
-        return Z[:0]
-    return Vh[S > drop * S[0]]
-
-
-def working_eps(operator: CurvatureOperator) -> float:
-    """Machine epsilon of the precision the Hessian-vector products run in."""
-    return float(torch.finfo(operator.adapter.dtype).eps)
-
-
-def nystroem_sketch(
-    mv, n_params: int, rank: int, rng: np.random.RandomState, eps: float, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Randomized Nystroem approximation ``U diag(s) U^T`` of a PSD operator.
-
-    Parameters
-    ----------
-    mv : callable
-        ``V -> V @ M`` for float64 rows ``V`` of shape (k, p).
-    n_params, rank : int
-        Dimension ``p`` and sketch size ``r <= p``.
-    rng : numpy RandomState
-        Source of the Gaussian test matrix.
-    eps : float
-        Relative accuracy of ``mv`` (machine epsilon of its working precision); sets
-        the stabilising shift.
-
-    Returns
-    -------
-    s : tensor of shape (r,)
-        Approximate eigenvalues, non-negative, in decreasing order.
-    U : tensor of shape (r, p)
-        Orthonormal approximate eigenvectors, as rows.
-    """
-    omega = torch.linalg.qr(random_rows(rng, rank, n_params, device).T)[0].T
-    Y = mv(omega)
-    # The shift keeps Omega^T Y positive definite despite rounding in the products
-    # (the Frobenius norm bounds the spectral one and costs no SVD).
-    nu = math.sqrt(n_params) * eps * float(torch.linalg.norm(Y))
-    nu = max(nu, torch.finfo(torch.float64).tiny)
-    for _ in range(3):
-        Y_nu = Y + nu * omega
-        B = omega @ Y_nu.T
-        B = 0.5 * (B + B.T)
-        L, info = torch.linalg.cholesky_ex(B)
-        if int(info) == 0:
-            break
-        # Omega^T M Omega is indefinite: M has negative curvature (an exact Hessian
-        # away from a minimum). Shift past it; the negative part is clipped below.
-        nu += float(-torch.linalg.eigvalsh(B)[0]) * 1.01 + nu
-    else:  # pragma: no cover - three shifts always suffice in exact arithmetic
-        raise NotPositiveDefiniteError("The Nystroem sketch could not be stabilised.")
-    # F = Y_nu L^-T, so that F F^T = Y_nu (Omega^T Y_nu)^-1 Y_nu^T.
-    F = torch.linalg.solve_triangular(L, Y_nu, upper=False)  # (r, p) = L^-1 Y_nu
-    _, S, Vh = torch.linalg.svd(F, full_matrices=False)
-    s = torch.clamp(S**2 - nu, min=0.0)
-    return s, Vh
+    if rank > n_params:
+        raise ValueError(
+            f"rank: {name} got rank={rank}, but the model has only {n_params} "
+            f"parameters; use rank <= {n_params}."
+        )
+    if rank < n_params and regularization <= 0:
+        raise ValueError(
+            f"regularization: {name} inverts the complement of its rank-{rank} "
+            "approximation as 1 / regularization, so regularization must be > 0 "
+            f"(got {regularization:g}). Use regularization > 0, or rank={n_params} "
+            "(the number of parameters) for the full curvature."
+        )
 
 
 class NystroemSolver(Solver):
@@ -143,74 +82,62 @@ class NystroemSolver(Solver):
     torch.Size([5])
     """
 
-    def __init__(self, rank: int = 10, random_state=None):
-        self.rank = rank
-        self.random_state = random_state
+    parameters = (
+        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        Param("rank", 10, [Interval(Integral, 1, None, closed="left")], "int",
+              "Size of the sketch: Hessian-vector products taken while fitting."),
+        "batch_size", "dtype", "device", "progress",
+        random_state_param("the Gaussian test matrix"),
+    )
+    scorer_name = "NystroemInfluenceScorer"
+    summary = "Influence functions from a randomized Nystroem sketch of the curvature."
+    description = f"""
+    One block of ``rank`` Hessian-vector products with a random Gaussian test matrix
+    gives a rank-``rank`` approximation ``V diag(e) V^T`` of the curvature (plus the
+    estimator's penalty), built by the numerically stable construction of Tropp et
+    al. (2017); the inverse follows from the Woodbury identity. The cheapest method
+    here to fit. {LOW_RANK_COMPLEMENT} The sketch assumes a positive semi-definite
+    curvature: negative curvature (an exact Hessian away from a minimum) is clipped
+    to zero, so prefer ``hessian="gauss-newton"`` for non-convex models."""
+    memory = """
+    Memory: ``rank`` vectors of length p (two blocks while fitting)."""
+    attributes = (
+        Attribute("eigenvalues_", "ndarray of shape (rank,)",
+                  "Eigenvalues of the sketch (without ``regularization``), in decreasing order."),
+    )
+    examples = """
+    >>> import numpy as np
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.linear_model import LogisticRegression
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> from skinfluence import DirectInfluenceScorer, NystroemInfluenceScorer
+    >>> X, y = load_breast_cancer(return_X_y=True)
+    >>> X = StandardScaler().fit_transform(X)
+    >>> model = LogisticRegression().fit(X[:200], y[:200])
+    >>> sketch = NystroemInfluenceScorer(model, rank=31, random_state=0).fit(X[:200], y[:200])
+    >>> exact = DirectInfluenceScorer(model).fit(X[:200], y[:200])
+    >>> I, J = sketch.influences(X[200:210], y[200:210]), exact.influences(X[200:210], y[200:210])
+    >>> bool(np.allclose(I, J, rtol=1e-3, atol=1e-3 * np.abs(J).max()))
+    True"""
 
-    def fit(self, operator: CurvatureOperator, progress=None) -> NystroemSolver:
-        p, lam = operator.n_params, float(operator.regularization)
-        check_rank(self.rank, p, lam, "NystroemInfluenceScorer")
-        rng = check_random_state(self.random_state)
+    def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
+        check_rank(self.rank, operator.n_params, float(operator.regularization), self.scorer_name)
+
+    def _fit(self, operator: CurvatureOperator, progress=None) -> NystroemSolver:
+        lam = self.regularization_
         s, U = nystroem_sketch(
-            lambda V: curvature_mv64(operator, V),
-            p,
-            self.rank,
-            rng,
-            working_eps(operator),
-            operator.adapter.device,
+            operator.curvature_mv, operator.n_params, self.rank,
+            check_random_state(self.random_state), operator.eps, operator.device,
         )
         if lam == 0 and float(s[-1]) <= 0:
-            raise NotPositiveDefiniteError(
-                "regularization: the sketched curvature is singular and "
-                "regularization=0; use regularization > 0."
+            raise not_positive_definite(
+                operator.curvature, lam, "the sketched curvature is singular",
+                0.0, float(s[0]),
             )
         self.eigenvalues_ = s
         self.eigenvectors_ = U
-        self.regularization_ = lam
-        self.n_params_ = p
         self.inverse_ = LowRankInverse(s, U, lam)
         return self
 
-    def solve(self, G: torch.Tensor) -> torch.Tensor:
+    def solve(self, G, report=None):
         return self.inverse_(G)
-
-
-def check_rank(rank: int, n_params: int, regularization: float, name: str) -> None:
-    """The rank must fit the model, and a partial rank needs ``regularization > 0``."""
-    if rank > n_params:
-        raise ValueError(
-            f"rank: {name} got rank={rank}, but the model has only {n_params} "
-            f"parameters; use rank <= {n_params}."
-        )
-    if rank < n_params and regularization <= 0:
-        raise ValueError(
-            f"regularization: {name} inverts the complement of its rank-{rank} "
-            "approximation as 1 / regularization, so regularization must be > 0 "
-            f"(got {regularization:g}). Use regularization > 0, or rank={n_params} "
-            "(the number of parameters) for the full curvature."
-        )
-
-
-class LowRankInverse:
-    """``(U^T diag(s) U + lambda I)^-1`` for orthonormal rows ``U``, applied to rows.
-
-    The complement of ``U`` is scaled by ``1 / lambda`` (it is empty when ``U`` spans
-    the whole space, and ``lambda`` may then be 0)::
-
-        x = g / lambda + ((g U^T) diag(1 / (s + lambda) - 1 / lambda)) U
-
-    Products run in float64: the complement term is a difference scaled by
-    ``1 / lambda``, which would amplify float32 rounding by up to
-    ``(s_max + lambda) / lambda``.
-    """
-
-    def __init__(self, s: torch.Tensor, U: torch.Tensor, regularization: float):
-        full = U.shape[0] >= U.shape[1]
-        self.U = U
-        self.identity = 0.0 if full else 1.0 / regularization
-        self.W = (1.0 / (s + regularization) - self.identity)[:, None] * U
-
-    def __call__(self, G: torch.Tensor) -> torch.Tensor:
-        G64 = G.to(torch.float64)
-        out = torch.addmm(G64, G64 @ self.U.T, self.W, beta=self.identity)
-        return out.to(G.dtype)

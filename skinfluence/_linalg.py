@@ -1,0 +1,362 @@
+"""Linear algebra shared by the curvature solvers: Krylov and randomized sketches of a
+symmetric operator, the low-rank-plus-identity inverse, and the one error for a
+curvature that is not positive definite (with a regularization that would be).
+
+Everything here works on float64 rows: a block of vectors is a tensor of shape
+(k, p), and an operator is a callable ``V -> V @ M`` on such blocks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+__all__ = [
+    "LowRankInverse",
+    "NotPositiveDefiniteError",
+    "block_lanczos",
+    "not_positive_definite",
+    "nystroem_sketch",
+    "orthonormal_rows",
+    "random_rows",
+    "suggest_regularization",
+]
+
+
+class NotPositiveDefiniteError(ValueError):
+    """The curvature plus regularization is not positive definite."""
+
+
+def suggest_regularization(min_eigenvalue: float, max_eigenvalue: float) -> float:
+    """A regularization that lifts the smallest eigenvalue safely above zero.
+
+    Half as much again as the most negative eigenvalue, plus a relative floor for a
+    singular matrix, rounded up to one significant digit.
+
+    Parameters
+    ----------
+    min_eigenvalue, max_eigenvalue : float
+        Extreme eigenvalues of the curvature without regularization.
+
+    Returns
+    -------
+    regularization : float
+
+    Examples
+    --------
+    >>> suggest_regularization(-2.59, 40.0)
+    4
+    """
+    need = 1.5 * max(-min_eigenvalue, 0.0) + 1e-6 * max(abs(max_eigenvalue), 1.0)
+    digits = math.floor(math.log10(need))
+    return math.ceil(need / 10**digits) * 10**digits
+
+
+def not_positive_definite(
+    curvature: str,
+    regularization: float,
+    what: str,
+    lowest: float,
+    highest: float,
+    *,
+    bound: bool = False,
+) -> NotPositiveDefiniteError:
+    """The error for a curvature plus regularization that is not positive definite.
+
+    Parameters
+    ----------
+    curvature : str
+        "exact", "gauss-newton" or the name of an approximation, for the message.
+    regularization : float
+        The regularization that was used.
+    what : str
+        What showed it, completing "... is not positive definite: {what}".
+    lowest, highest : float
+        The lowest and highest eigenvalue (or Rayleigh quotient) found without
+        regularization; the suggestion lifts ``lowest`` above zero.
+    bound : bool, default=False
+        ``lowest`` is only an upper bound on the smallest eigenvalue (a Krylov
+        estimate), which the message says.
+
+    Returns
+    -------
+    error : NotPositiveDefiniteError
+
+    Examples
+    --------
+    >>> err = not_positive_definite("exact", 0.0, "its smallest eigenvalue is -2.59",
+    ...                             -2.59, 40.0)
+    >>> "Use regularization=4 or larger" in str(err)
+    True
+    """
+    return NotPositiveDefiniteError(
+        f"regularization: the {curvature} curvature plus regularization="
+        f"{regularization:g} is not positive definite: {what}. Use regularization="
+        f"{suggest_regularization(lowest, highest):g} or larger"
+        + (" (its smallest eigenvalue may be lower still)" if bound else "")
+        + (
+            ", or hessian='gauss-newton', which is positive semi-definite."
+            if curvature == "exact"
+            else "."
+        )
+    )
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+def random_rows(rng: np.random.RandomState, k: int, p: int, device) -> torch.Tensor:
+    """``k`` standard Gaussian rows of length ``p`` in float64, drawn from ``rng``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> random_rows(np.random.RandomState(0), 2, 3, "cpu").shape
+    torch.Size([2, 3])
+    """
+    return torch.from_numpy(rng.standard_normal((k, p))).to(device)
+
+
+def orthonormal_rows(Z: torch.Tensor, drop: float = 1e-10) -> torch.Tensor:
+    """An orthonormal basis (as rows) of the row space of ``Z``.
+
+    Directions whose singular value is below ``drop`` times the largest are left out,
+    so (nearly) dependent rows never produce a singular Gram matrix downstream.
+
+    Examples
+    --------
+    >>> import torch
+    >>> Z = torch.tensor([[1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
+    >>> orthonormal_rows(Z).shape
+    torch.Size([1, 2])
+    """
+    if Z.shape[0] == 0:
+        return Z
+    _, S, Vh = torch.linalg.svd(Z, full_matrices=False)
+    if S.numel() == 0 or S[0] == 0:
+        return Z[:0]
+    return Vh[S > drop * S[0]]
+
+
+def _new_directions(R: torch.Tensor, Q: torch.Tensor, scale: float, drop: float = 1e-8):
+    """Orthonormal rows spanning the part of ``R``'s rows orthogonal to the rows of
+    ``Q``, leaving out directions below ``drop * scale`` (rounding, not signal: they
+    would not be orthogonal to ``Q``). Projected twice, against lost orthogonality."""
+    R = R / max(scale, 1e-300)
+    for _ in range(2):
+        R = R - (R @ Q.T) @ Q
+    if R.shape[0] == 0:
+        return R
+    _, S, Vh = torch.linalg.svd(R, full_matrices=False)
+    return Vh[S > drop]
+
+
+# --------------------------------------------------------------------------- Krylov
+
+
+def block_lanczos(
+    mv,
+    n_params: int,
+    rank: int,
+    *,
+    krylov_dimension: int,
+    block_size: int,
+    rtol: float,
+    rng: np.random.RandomState,
+    device,
+    which: str = "LM",
+    progress=None,
+):
+    """Top-``rank`` eigenpairs of a symmetric operator by block Lanczos.
+
+    Full reorthogonalisation; the Rayleigh-Ritz problem on the whole Krylov basis is
+    solved in float64, and every product is kept, so the Ritz residuals come for
+    free and the iteration stops as soon as the wanted pairs have converged.
+
+    Parameters
+    ----------
+    mv : callable
+        ``V -> V @ M`` for float64 rows ``V`` of shape (k, p).
+    n_params : int
+        Dimension p.
+    rank : int
+        Number of eigenpairs wanted.
+    krylov_dimension : int
+        Most vectors in the Krylov basis.
+    block_size : int
+        Vectors multiplied per step.
+    rtol : float
+        A Ritz pair ``(theta, v)`` has converged when
+        ``||M v - theta v|| <= rtol * max |theta|``.
+    rng : numpy RandomState
+        Source of the start block.
+    device : torch device
+        Where the vectors live.
+    which : {"LM", "LA"}
+        Largest magnitude or largest algebraic eigenvalues.
+    progress : callable, default=None
+        ``progress(iterable, desc)`` wraps the steps in a progress bar.
+
+    Returns
+    -------
+    theta : tensor (rank,)
+        Ritz values, in decreasing order of magnitude ("LM") or value ("LA").
+    V : tensor (rank, p)
+        Orthonormal Ritz vectors, as rows.
+    residuals : tensor (rank,)
+        Relative Ritz residuals.
+    n_products : int
+        Number of vectors multiplied by ``mv``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> M = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+    >>> theta, V, res, n = block_lanczos(lambda V: V @ M, 20, 3, krylov_dimension=20,
+    ...     block_size=4, rtol=1e-10, rng=np.random.RandomState(0), device="cpu")
+    >>> [round(t, 8) for t in theta.tolist()]
+    [20.0, 19.0, 18.0]
+    """
+    krylov_dimension = min(max(krylov_dimension, rank), n_params)
+    block = orthonormal_rows(random_rows(rng, min(block_size, krylov_dimension), n_params, device))
+    basis, images = [], []
+    size = 0
+    steps = range(n_params)  # the loop always ends by size or convergence
+    for _ in steps if progress is None else progress(steps, "Lanczos"):
+        W = mv(block)
+        basis.append(block)
+        images.append(W)
+        size += block.shape[0]
+        Q, AQ = torch.cat(basis), torch.cat(images)
+        T = Q @ AQ.T
+        T = 0.5 * (T + T.T)
+        vals, vecs = torch.linalg.eigh(T)
+        order = torch.argsort(vals.abs() if which == "LM" else vals, descending=True)[:rank]
+        theta, Y = vals[order], vecs[:, order]
+        V, AV = Y.T @ Q, Y.T @ AQ
+        scale = float(theta.abs().max()) if theta.numel() else 0.0
+        residuals = (AV - theta[:, None] * V).norm(dim=1) / max(scale, 1e-300)
+        if size >= krylov_dimension or bool((residuals <= rtol).all()):
+            break
+        # Next block: the part of M @ block not yet in the basis.
+        want = min(block_size, krylov_dimension - size)
+        block = _new_directions(W, Q, scale=float(W.norm(dim=1).max()))[:want]
+        if block.shape[0] < want:
+            # The basis is (nearly) invariant: continue with random directions.
+            extra = random_rows(rng, want - block.shape[0], n_params, device)
+            basis_now = torch.cat([Q, block])
+            block = torch.cat([block, _new_directions(extra, basis_now, scale=1.0)])[:want]
+        if block.shape[0] == 0:
+            break
+    return theta, V, residuals, size
+
+
+# --------------------------------------------------------------------------- sketches
+
+
+def nystroem_sketch(
+    mv, n_params: int, rank: int, rng: np.random.RandomState, eps: float, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomized Nystroem approximation ``U diag(s) U^T`` of a PSD operator.
+
+    The stable construction of Tropp et al. (2017): ``Y = M Omega`` for a Gaussian
+    test matrix, shifted by a tiny ``nu`` to keep ``Omega^T Y`` positive definite.
+
+    Parameters
+    ----------
+    mv : callable
+        ``V -> V @ M`` for float64 rows ``V`` of shape (k, p).
+    n_params, rank : int
+        Dimension ``p`` and sketch size ``r <= p``.
+    rng : numpy RandomState
+        Source of the Gaussian test matrix.
+    eps : float
+        Relative accuracy of ``mv`` (machine epsilon of its working precision); sets
+        the stabilising shift.
+    device : torch device
+        Where the vectors live.
+
+    Returns
+    -------
+    s : tensor of shape (r,)
+        Approximate eigenvalues, non-negative, in decreasing order.
+    U : tensor of shape (r, p)
+        Orthonormal approximate eigenvectors, as rows.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import torch
+    >>> M = torch.diag(torch.tensor([5.0, 3.0, 0.0], dtype=torch.float64))
+    >>> s, U = nystroem_sketch(lambda V: V @ M, 3, 3, np.random.RandomState(0), 1e-16, "cpu")
+    >>> [round(v, 6) for v in s.tolist()]
+    [5.0, 3.0, 0.0]
+    """
+    omega = torch.linalg.qr(random_rows(rng, rank, n_params, device).T)[0].T
+    Y = mv(omega)
+    # The shift keeps Omega^T Y positive definite despite rounding in the products
+    # (the Frobenius norm bounds the spectral one and costs no SVD).
+    nu = math.sqrt(n_params) * eps * float(torch.linalg.norm(Y))
+    nu = max(nu, torch.finfo(torch.float64).tiny)
+    for _ in range(3):
+        Y_nu = Y + nu * omega
+        B = omega @ Y_nu.T
+        B = 0.5 * (B + B.T)
+        L, info = torch.linalg.cholesky_ex(B)
+        if int(info) == 0:
+            break
+        # Omega^T M Omega is indefinite: M has negative curvature (an exact Hessian
+        # away from a minimum). Shift past it; the negative part is clipped below.
+        nu += float(-torch.linalg.eigvalsh(B)[0]) * 1.01 + nu
+    else:  # pragma: no cover - three shifts always suffice in exact arithmetic
+        raise NotPositiveDefiniteError("The Nystroem sketch could not be stabilised.")
+    # F = Y_nu L^-T, so that F F^T = Y_nu (Omega^T Y_nu)^-1 Y_nu^T.
+    F = torch.linalg.solve_triangular(L, Y_nu, upper=False)  # (r, p) = L^-1 Y_nu
+    _, S, Vh = torch.linalg.svd(F, full_matrices=False)
+    s = torch.clamp(S**2 - nu, min=0.0)
+    return s, Vh
+
+
+class LowRankInverse:
+    """``(U^T diag(s) U + lambda I)^-1`` for orthonormal rows ``U``, applied to rows.
+
+    The complement of ``U`` is scaled by ``1 / lambda`` (it is empty when ``U`` spans
+    the whole space, and ``lambda`` may then be 0)::
+
+        x = g / lambda + ((g U^T) diag(1 / (s + lambda) - 1 / lambda)) U
+
+    Products run in float64: the complement term is a difference scaled by
+    ``1 / lambda``, which would amplify float32 rounding by up to
+    ``(s_max + lambda) / lambda``.
+
+    Parameters
+    ----------
+    s : tensor of shape (r,)
+        Eigenvalues.
+    U : tensor of shape (r, p)
+        Orthonormal eigenvectors, as rows.
+    regularization : float
+        lambda.
+
+    Examples
+    --------
+    >>> import torch
+    >>> inv = LowRankInverse(torch.tensor([3.0], dtype=torch.float64),
+    ...                      torch.tensor([[1.0, 0.0]], dtype=torch.float64), 1.0)
+    >>> inv(torch.tensor([[4.0, 2.0]], dtype=torch.float64)).tolist()
+    [[1.0, 2.0]]
+    """
+
+    def __init__(self, s: torch.Tensor, U: torch.Tensor, regularization: float):
+        full = U.shape[0] >= U.shape[1]
+        self.U = U
+        self.identity = 0.0 if full else 1.0 / regularization
+        self.W = (1.0 / (s + regularization) - self.identity)[:, None] * U
+
+    def __call__(self, G: torch.Tensor) -> torch.Tensor:
+        G64 = G.to(torch.float64)
+        out = torch.addmm(G64, G64 @ self.U.T, self.W, beta=self.identity)
+        return out.to(G.dtype)

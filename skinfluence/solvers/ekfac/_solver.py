@@ -1,0 +1,367 @@
+"""EK-FAC: Kronecker-factored curvature for ``nn.Linear`` and ``nn.Conv2d`` layers.
+
+The curvature is block diagonal over layers. Each layer's block of the Fisher (the
+Gauss-Newton matrix) is approximated by ``S (x) A`` (K-FAC; KFC for convolutions),
+with the factors' eigenbasis refined towards the nearest Kronecker product of the
+block and the eigenvalues refitted from per-sample gradients (EK-FAC, George et al.
+2018); see ``_factors`` for the passes, ``_fisher`` for the output gradients
+they are built from, ``_layers`` for the layer types.
+
+The regularization is added to the eigenvalues (as pyDVL does), and so is the
+diagonal, in the same basis, of the estimator's own L2 penalty.
+
+Factors live in each layer's Kronecker eigenbasis, where the inverse is diagonal:
+test gradients are projected there and scaled once; training activations and output
+gradients are projected (``a Q_A``, ``g Q_S``) and contracted with them, so a layer
+applied once per sample never forms a per-sample training gradient. In the flat
+factor vector each layer's block is stored as (d_out, d_in), or transposed when it
+has more outputs than inputs, so that each contraction runs over the longer
+dimension first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from numbers import Integral
+
+import torch
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from ..._linalg import not_positive_definite
+from .._base import Attribute, CurvatureOperator, Param, Solver
+from ._factors import Passes, corrected_eigenvalues, kfac_factors, layer_data, nearest_kronecker
+from ._fisher import FISHERS, require_sampler, sampler_for
+from ._layers import build_layers, select_layers
+
+__all__ = ["EkfacSolver"]
+
+# Elements of the (test rows x layer outputs x train batch) intermediate of one
+# pairwise contraction; bounds its memory (64 MiB in float32).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True)
+class _Block:
+    """Where a layer's factors sit in the flat factor vector, and in which layout."""
+
+    start: int
+    rows: int
+    cols: int
+    transposed: bool  # stored as (d_in, d_out)
+
+
+class EkfacSolver(Solver):
+    """Block-diagonal EK-FAC (or K-FAC) curvature over Linear and Conv2d layers.
+
+    Memory: per layer, the two factors' eigenvectors and the ``d_out x d_in``
+    eigenvalues, i.e. far less than the number of parameters squared.
+
+    Examples
+    --------
+    On a single Linear layer with a squared error the Gauss-Newton K-FAC is exact:
+
+    >>> import torch
+    >>> from skinfluence._adapters import build_adapter
+    >>> from skinfluence.solvers import CurvatureOperator, EkfacSolver
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> a = build_adapter(model, loss=torch.nn.functional.mse_loss)
+    >>> X, Y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    >>> a.bind(X, 20)
+    >>> op = CurvatureOperator(a, X, Y, "gauss-newton", regularization=0.1, batch_size=8)
+    >>> solver = EkfacSolver().fit(op)
+    >>> G = torch.randn(4, op.n_params, dtype=torch.float64)
+    >>> torch.allclose(op.mv(solver.solve(G)), G)
+    True
+    """
+
+    curvature = "gauss-newton"
+    parameters = (
+        "estimator", "loss", "params", "regularization",
+        Param("update_diagonal", True, ["boolean"], "bool", """Refit the eigenvalues in the Kronecker eigenbasis from per-sample gradients
+(EK-FAC). False keeps the products of the factors' eigenvalues (K-FAC)."""),
+        Param("basis_iter", 2, [Interval(Integral, 0, None, closed="left")], "int", """With ``update_diagonal=True``: alternating updates that move each layer's
+two factors towards the nearest Kronecker product (in Frobenius norm) of its
+curvature block before their eigenbasis is taken. K-FAC's factors treat
+activations and output gradients as independent; each update reweights one
+factor's covariance by the other's quadratic form, which corrects for their
+dependence and gives a basis in which the refitted diagonal is closer to the
+curvature. Each update costs two passes over data that are usually kept in
+memory from the first pass. 0 keeps the eigenbasis of the K-FAC factors
+(George et al., 2018, and pyDVL)."""),
+        Param("fisher", "gauss-newton", [StrOptions(set(FISHERS))], '{"gauss-newton", "true", "empirical"}',
+              """Output gradients the factors are built from. "gauss-newton": the expectation
+over the model's predictive distribution, computed exactly from a square root
+of the loss's Hessian with respect to the model output (one backward pass per
+output, e.g. per class; any twice-differentiable loss); the factors are then
+those of the Gauss-Newton matrix, and equal it whenever it is
+Kronecker-factored (a single linear layer with MSE loss). "true": one label per
+sample drawn from the predictive distribution (softmax for cross-entropy and
+skorch's NLL on probabilities, Bernoulli for binary cross-entropy, Gaussian for
+MSE), seeded by ``random_state``: an unbiased, noisier estimate at the cost of
+one backward pass, for models with many outputs. "empirical": the given
+labels."""),
+        Param("layers", None, [None, str, list, tuple], "str or list of str", """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules to take into account, as in
+``model.named_modules()``; the parameters of other modules are held fixed.
+None takes every module holding a selected parameter, and raises an error
+listing any that is neither Linear nor Conv2d."""),
+        "mode", "batch_size", "dtype", "device", "progress",
+        Param("random_state", None, ["random_state"], "int, RandomState instance or None",
+              'Seeds the labels sampled for ``fisher="true"``.'),
+    )
+    scorer_name = "EkfacInfluenceScorer"
+    summary = "Influence functions with EK-FAC, Kronecker-factored curvature per layer."
+    description = """
+    The curvature is block diagonal over the model's ``nn.Linear`` and ``nn.Conv2d``
+    layers. Each block is approximated by the Kronecker product of the covariance of
+    the layer's input activations (a 1 appended for the bias) and that of the
+    gradients with respect to its output (K-FAC; KFC for convolutions, over unfolded
+    patches); with ``update_diagonal=True`` its eigenvalues are refitted from
+    per-sample gradients projected on the Kronecker eigenbasis (EK-FAC, George et al.
+    2018), after the factors have been moved towards the nearest Kronecker product of
+    the block (``basis_iter``), which gives a better basis. ``regularization`` is
+    added to those eigenvalues, as in pyDVL's ``EkfacInfluence``, together with the
+    diagonal of the estimator's own L2 penalty in the same basis. The factors take
+    ``2 + 2 * basis_iter`` passes over the training data (all but the first over
+    activations kept in memory when they fit), and influences need no
+    Hessian-vector products."""
+    curvature_note = """Here H is the EK-FAC approximation of the Gauss-Newton (Fisher)
+    matrix, block diagonal over layers; on a non-convex model it differs from the
+    Hessian that :class:`DirectInfluenceScorer` uses by default."""
+    notes = """
+    Convolutions follow KFC (Grosse & Martens, 2016): the activation factor is
+    averaged over output positions and the gradient factor summed over them, so
+    that plain K-FAC has the scale of the Fisher when output gradients are
+    spatially uncorrelated."""
+    memory = """
+    Memory: per layer, the two factors and their eigenvectors plus ``d_out x d_in``
+    eigenvalues; while computing influences, the test points' preconditioned
+    gradients (n_test x p). Training gradients of a layer applied once per sample
+    are never formed: the test factors are contracted with the batch's activations
+    and output gradients; convolutions form ``batch_size`` gradients at a time."""
+    attributes = (
+        Attribute("layers_", "list of str", "Names of the modules whose parameters are taken into account.",
+                  source="layer_names_"),
+    )
+    examples = """
+    >>> import numpy as np
+    >>> import torch
+    >>> from sklearn.datasets import load_digits
+    >>> from skorch import NeuralNetClassifier
+    >>> from skinfluence import EkfacInfluenceScorer
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X, y = (X / 16).astype(np.float32), y.astype(np.int64)
+    >>> _ = torch.manual_seed(0)
+    >>> module = torch.nn.Sequential(
+    ...     torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    >>> net = NeuralNetClassifier(
+    ...     module, criterion=torch.nn.CrossEntropyLoss, max_epochs=20, lr=0.1,
+    ...     train_split=None, verbose=0).fit(X[:300], y[:300])
+    >>> scorer = EkfacInfluenceScorer(net, regularization=0.1)
+    >>> scorer = scorer.fit(X[:300], y[:300])
+    >>> scorer.influences(X[300:310], y[300:310]).shape
+    (10, 300)
+    >>> by_layer = scorer.influences_by_layer(X[300:310], y[300:310])
+    >>> sorted(by_layer)
+    ['0', '2']
+    >>> bool(np.allclose(sum(by_layer.values()), scorer.influences(X[300:310], y[300:310]),
+    ...                  rtol=1e-4, atol=1e-6))
+    True"""
+
+    # ------------------------------------------------------------ parameters
+    def select_parameters(self, module, param_names):
+        return select_layers(module, param_names, self.layers)[1]
+
+    # ------------------------------------------------------------ fit
+    def _fit(self, operator: CurvatureOperator, progress=None) -> EkfacSolver:
+        a = operator.adapter
+        X, Y, n = operator.X, operator.Y, operator.n_train
+        if n == 0:
+            raise ValueError("X: EK-FAC needs at least one training sample.")
+        names, params = select_layers(a.module, a.param_names, self.layers)
+        if params != list(a.param_names):
+            left = [p for p in a.param_names if p not in params]
+            raise ValueError(
+                f"layers: the parameters {left} are selected but belong to no layer EK-FAC "
+                "works on; select them out with params= or add their layers."
+            )
+        self.layers_ = build_layers(a, names)
+        self.layer_names_ = list(names)
+        self.batch_size_ = operator.batch_size
+        self.family_ = sampler_for(a)
+        self.sampler_, noise = None, None
+        if self.fisher == "true":
+            self.sampler_ = require_sampler(a)
+            rng = check_random_state(self.random_state)
+            with torch.no_grad():
+                out_shape = tuple(a.outputs(X[:1]).shape[1:])
+            noise = self.sampler_.noise(rng, n, out_shape)
+        passes = Passes(self, X, Y, self.fisher, noise, progress)
+        self.factors_ = kfac_factors(passes, self.layers_, self.update_diagonal, a.device)
+        kron = self.factors_
+        if self.update_diagonal and self.basis_iter:
+            kron = nearest_kronecker(kron, passes, self.basis_iter, a.dtype)
+        self.eigenvalues_, self.basis_, self.basis64_ = {}, {}, {}
+        for lay in self.layers_:
+            Af, Sf = kron[lay.name]
+            la, qa = torch.linalg.eigh(0.5 * (Af + Af.T))
+            ls, qs = torch.linalg.eigh(0.5 * (Sf + Sf.T))
+            self.eigenvalues_[lay.name] = torch.outer(ls.clamp_min(0), la.clamp_min(0))
+            self.basis64_[lay.name] = (qs, qa)
+            self.basis_[lay.name] = (qs.to(a.dtype), qa.to(a.dtype))
+        if self.update_diagonal:
+            self.eigenvalues_ = corrected_eigenvalues(passes, self.basis_, self.eigenvalues_)
+        passes.cache = None
+        self.penalty_ = self._penalty_diagonal()
+        self._set_inverse(operator.curvature)
+        self._blocks = self._layout()
+        return self
+
+    def _penalty_diagonal(self) -> dict:
+        """The estimator's penalty, diagonal in each layer's Kronecker eigenbasis."""
+        pen = self.adapter_.penalty
+        out = {}
+        for lay in self.layers_:
+            qs, qa = self.basis64_[lay.name]
+            d = torch.zeros(lay.d_out, lay.d_in, dtype=torch.float64, device=qs.device)
+            if pen.diag is not None:
+                D = lay.to_matrix(pen.diag[None].to(torch.float64))[0]
+                d += (qs**2).T @ D @ qa**2
+            for c, u in pen.rank_one:
+                U = lay.to_matrix(u[None].to(torch.float64))[0]
+                d += c * (qs.T @ U @ qa) ** 2
+            out[lay.name] = d
+        return out
+
+    def _set_inverse(self, curvature: str):
+        self.inverse_ = {}
+        lam = self.regularization_
+        for lay in self.layers_:
+            denom = self.eigenvalues_[lay.name] + self.penalty_[lay.name] + lam
+            # With no regularization, directions of zero curvature are left out
+            # (a pseudo-inverse), as the gradients have no component along them.
+            cutoff = float(denom.abs().max()) * torch.finfo(torch.float64).eps * max(denom.shape)
+            if float(denom.min()) < -cutoff:
+                low = float(denom.min()) - lam
+                raise not_positive_definite(
+                    f"EK-FAC {curvature}", lam,
+                    f"layer {lay.name!r} has the eigenvalue {low:.3g}", low, float(denom.max()),
+                )
+            inv = torch.where(denom > cutoff, 1.0 / denom, torch.zeros_like(denom))
+            self.inverse_[lay.name] = inv.to(self.adapter_.dtype)
+
+    def _layout(self) -> dict:
+        blocks, o = {}, 0
+        for lay in self.layers_:
+            t = lay.d_in < lay.d_out
+            blocks[lay.name] = _Block(o, lay.d_in if t else lay.d_out, lay.d_out if t else lay.d_in, t)
+            o += lay.d_out * lay.d_in
+        return blocks
+
+    # ------------------------------------------------------------ layouts
+    def to_layer(self, G: torch.Tensor, lay) -> torch.Tensor:
+        """Flat vectors (k, p) -> the layer's gradient matrices (k, d_out, d_in)."""
+        return lay.to_matrix(G)
+
+    def from_layers(self, mats: dict) -> torch.Tensor:
+        """Per-layer matrices (k, d_out, d_in) -> flat vectors (k, p)."""
+        first = next(iter(mats.values()))
+        out = torch.zeros(first.shape[0], self.adapter_.n_params, dtype=first.dtype, device=first.device)
+        for lay in self.layers_:
+            lay.put(out, mats[lay.name])
+        return out
+
+    def _split(self, F: torch.Tensor) -> dict:
+        """Flat factors (k, p) -> per layer (k, rows, cols) views in the stored layout."""
+        return {
+            name: F[:, b.start : b.start + b.rows * b.cols].reshape(F.shape[0], b.rows, b.cols)
+            for name, b in self._blocks.items()
+        }
+
+    # ------------------------------------------------------------ products
+    def _projected(self, X, Y) -> dict:
+        """Per layer: activations and output gradients of the points' own loss,
+        expressed in the eigenbases of A and S: ``a Q_A`` (b, T, d_in) and ``g Q_S``
+        (b, T, d_out)."""
+        out = {}
+        for name, (act, g) in layer_data(self.adapter_, self.layers_, X, Y).items():
+            qs, qa = self.basis_[name]
+            out[name] = (act.to(qa.dtype) @ qa, g[0].to(qs.dtype) @ qs)
+        return out
+
+    def solve(self, G: torch.Tensor, report=None) -> torch.Tensor:
+        mats = {}
+        for lay in self.layers_:
+            qs, qa = self.basis_[lay.name]
+            M = lay.to_matrix(G).to(qs.dtype)
+            mats[lay.name] = qs @ ((qs.T @ M @ qa) * self.inverse_[lay.name]) @ qa.T
+        return self.from_layers(mats)
+
+    def factors(self, X, Y, report=None) -> torch.Tensor:
+        parts = []
+        for name, (aq, gq) in self._projected(X, Y).items():
+            if aq.shape[1] == 1:
+                P = gq[:, 0, :, None] * aq[:, 0, None, :]
+            else:
+                P = torch.einsum("bto,bti->boi", gq, aq)
+            P = P.mul_(self.inverse_[name])
+            if self._blocks[name].transposed:
+                P = P.transpose(1, 2)
+            parts.append(P.reshape(P.shape[0], -1))
+        return torch.cat(parts, 1)
+
+    def parameter_factors(self, F: torch.Tensor) -> torch.Tensor:
+        mats = {}
+        for name, W in self._split(F).items():
+            if self._blocks[name].transposed:
+                W = W.transpose(1, 2)
+            qs, qa = self.basis_[name]
+            mats[name] = qs @ W @ qa.T
+        return self.from_layers(mats)
+
+    def pairwise(self, F, X, Y):
+        return sum(self.pairwise_blocks(F, X, Y).values())
+
+    def pairwise_blocks(self, F: torch.Tensor, X, Y) -> dict:
+        """Per layer: ``F . grad l(x_j, y_j)`` for the batch (X, Y), (n_test, b).
+
+        For a layer applied once per sample the factors are contracted with the
+        projected activations and output gradients directly, so no per-sample
+        gradient is formed; otherwise the batch's gradient matrices are formed
+        first, which is cheaper than contracting at every position.
+        """
+        split = self._split(F)
+        out = {}
+        for name, (aq, gq) in self._projected(X, Y).items():
+            W, transposed = split[name], self._blocks[name].transposed
+            q, b = W.shape[0], aq.shape[0]
+            if aq.shape[1] == 1:
+                # W (q, left, right) @ right-vectors, then weighted by left-vectors
+                right, left = aq[:, 0], gq[:, 0]
+                if transposed:
+                    right, left = left, right
+                rightT, leftT = right.T.contiguous(), left.T.contiguous()
+                d_left, d_right = W.shape[1], W.shape[2]
+                step = max(1, _CHUNK_ELEMENTS // max(1, d_left * b))
+                rows = []
+                for c in range(0, q, step):
+                    tmp = (W[c : c + step].reshape(-1, d_right) @ rightT).reshape(-1, d_left, b)
+                    rows.append(tmp.mul_(leftT).sum(1))
+                out[name] = torch.cat(rows) if rows else W.new_zeros(0, b)
+            else:
+                P = torch.einsum("bto,bti->boi", gq, aq)
+                if transposed:
+                    P = P.transpose(1, 2)
+                out[name] = W.reshape(q, -1) @ P.reshape(b, -1).T
+        return out
+
+    def self_scores(self, X, Y, report=None) -> torch.Tensor:
+        total = 0
+        for name, (aq, gq) in self._projected(X, Y).items():
+            inv = self.inverse_[name]
+            if aq.shape[1] == 1:
+                total = total + ((gq[:, 0] ** 2 @ inv) * aq[:, 0] ** 2).sum(-1)
+            else:
+                P = torch.einsum("bto,bti->boi", gq, aq)
+                total = total + (P**2 * inv).sum((1, 2))
+        return total
