@@ -68,6 +68,7 @@ def main(argv=None) -> None:
     # Too small a regularization fails on a non-convex net; those candidates score nan.
     warnings.filterwarnings("ignore", category=FitFailedWarning)
     warnings.filterwarnings("ignore", message="One or more of the test scores are non-finite")
+    warnings.filterwarnings("ignore", message="Scoring failed")
     torch.set_num_threads(1)  # a model this small runs fastest on one thread
     n_train, n_eval, n_subsets, epochs = (300, 80, 10, 10) if args.fast else (1000, 400, 50, 60)
     regs = [3e-2, 0.3] if args.fast else [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0]

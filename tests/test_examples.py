@@ -22,6 +22,7 @@ FIGURES = {
         "digits_influence_by_label.png", "digits_top_influential.png", "digits_suspects.png",
     ],
     "plot_tuning_gridsearch.py": ["tuning_grid.png"],
+    "plot_trust_digits.py": ["trust_digits.png"],
 }
 
 
