@@ -207,3 +207,10 @@ def test_concepts_says_what_a_perturbation_sign_means_and_it_holds():
         np.testing.assert_allclose(change[:, 0], eps * P[:, j, k], rtol=1e-2, atol=1e-9)
         refit = test_loss(fit(moved)) - test_loss(model)
         np.testing.assert_allclose(refit, -eps * P[:, j, k] / len(ytr), rtol=2e-2, atol=1e-9)
+
+
+def test_readme_says_how_long_the_suite_takes_and_that_it_builds_the_docs():
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert re.search(r"The suite takes about \d+ minutes on a 2-core machine", readme)
+    assert "builds the documentation with `mkdocs build --strict`" in readme
+    assert "def test_mkdocs_build_strict" in Path(__file__).read_text()
