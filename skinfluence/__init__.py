@@ -7,5 +7,5 @@ from .solvers import NotPositiveDefiniteError
 # One scorer per method of the registry (skinfluence.solvers.METHODS).
 globals().update({name: getattr(_scorers, name) for name in _scorers.__all__})
 
-__all__ = sorted([*_scorers.__all__, "MislabelDetector", "NotPositiveDefiniteError"])
+__all__ = [*_scorers.__all__, "MislabelDetector", "NotPositiveDefiniteError"]
 __version__ = "0.1.0"

@@ -366,7 +366,9 @@ class ModelAdapter:
             self.penalty = self.penalty_factory(self, n_train).to(self.dtype, self.device)
 
     def features(self, X: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(X), device=self.device).to(self.dtype)
+        # a copy: the scorer must not see later edits of the caller's array, and
+        # read-only inputs (pandas) need no special care
+        return torch.tensor(np.asarray(X), dtype=self.dtype, device=self.device)
 
     def targets(self, y: np.ndarray, name: str = "y") -> torch.Tensor:
         """Convert labels to what the loss takes, refusing labels the model never saw."""
@@ -464,8 +466,9 @@ def build_adapter(estimator, *, loss=None, params=None, dtype=None, device=None)
         return adapter
     raise TypeError(
         f"estimator: {type(estimator).__name__} is not supported. Pass a fitted skorch "
-        "NeuralNet, a torch nn.Module with loss=, or an sklearn LogisticRegression, "
-        "Ridge or LinearRegression."
+        "NeuralNet, a torch nn.Module with loss=, an sklearn LogisticRegression, "
+        "Ridge, LinearRegression, MLPClassifier, MLPRegressor or "
+        "SGDClassifier(loss='log_loss'), or a fitted Pipeline ending in one of them."
     )
 
 

@@ -49,10 +49,11 @@ SHARED = {
     p.name: p
     for p in (
         Param("estimator", None, "no_validation", "fitted model", """A fitted skorch net (``NeuralNetClassifier``, ``NeuralNetBinaryClassifier``,
-``NeuralNetRegressor``), a torch ``nn.Module`` together with ``loss``, or a
-fitted sklearn ``LogisticRegression``, ``Ridge`` or ``LinearRegression``. The
-model is never modified; it is evaluated in eval mode and handed back in the
-mode it came in."""),
+``NeuralNetRegressor``), a torch ``nn.Module`` together with ``loss``, a fitted
+sklearn ``LogisticRegression``, ``Ridge``, ``LinearRegression``,
+``MLPClassifier``, ``MLPRegressor`` or ``SGDClassifier(loss="log_loss")``, or a
+fitted ``Pipeline`` ending in one of them. The model is never modified; it is
+evaluated in eval mode and handed back in the mode it came in."""),
         Param("loss", None, [None, callable], "callable", """Mean-reduced ``loss(output, target)`` for a torch module (e.g.
 ``torch.nn.functional.cross_entropy``). None uses the estimator's own loss
 (skorch's criterion, with NLLLoss applied to log-probabilities exactly as
@@ -152,8 +153,13 @@ class InfluenceScorer(BaseEstimator):
         return type(self)(**kept)
 
     def __sklearn_tags__(self):
+        from sklearn.utils import TransformerTags
+
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
+        # influences come out in the model's dtype, whatever the input's
+        tags.transformer_tags = TransformerTags(preserves_dtype=[])
+        tags.input_tags.sparse = False
         return tags
 
     # ------------------------------------------------------------------ checks
@@ -171,7 +177,8 @@ class InfluenceScorer(BaseEstimator):
     def _check_y(self, y, n, name, xname):
         if y is None:
             raise ValueError(
-                f"{name}: targets are required; pass one target per sample of {xname}."
+                f"{name}: {type(self).__name__} requires y to be passed, but the target y "
+                f"is None; pass one target per sample of {xname}."
             )
         y = check_array(y, ensure_2d=False, dtype=None, input_name=name, ensure_all_finite=True)
         if y.shape[0] != n:
@@ -213,7 +220,7 @@ class InfluenceScorer(BaseEstimator):
     def _reset(self):
         for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("__")]:
             delattr(self, name)
-        self.__dict__.pop("_solve_report", None)
+        self.__dict__.pop("_last_call", None)
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y):
@@ -266,6 +273,7 @@ class InfluenceScorer(BaseEstimator):
         self.n_params_ = adapter.n_params
         if adapter.target_kind in (CLASS_INDEX, BINARY):
             self.classes_ = adapter.classes
+        self._last_call = _LastCall()
         return self
 
     # ------------------------------------------------------------------ core
@@ -281,7 +289,7 @@ class InfluenceScorer(BaseEstimator):
         once for the whole call when some solve did not converge."""
         if report.empty:
             return
-        self._solve_report = report
+        self._last_call.report = report
         message = self.solver_.convergence_warning(report)
         if message:
             warnings.warn(message, ConvergenceWarning, stacklevel=3)
@@ -475,6 +483,36 @@ class InfluenceScorer(BaseEstimator):
             return np.zeros((0,) if self.mode == "up" else (0, *self.x_shape_))
         return self._numpy(torch.cat(out))
 
+    def score(self, X, y):
+        """How well the influences predict actual retraining, at points (X, y).
+
+        The linear datamodeling score (or the leave-one-out Pearson correlation) of
+        the influences against the outcomes of refitted clones of ``estimator``
+        that never saw (X, y), recorded by a fitted
+        :class:`skinfluence.evaluation.Counterfactuals` of the same estimator and
+        training data; higher is better, so ``GridSearchCV`` can maximise it. See
+        :func:`skinfluence.evaluation.influence_score`.
+
+        Parameters
+        ----------
+        X, y : array-like
+            Evaluation points of the counterfactuals.
+
+        Returns
+        -------
+        score : float
+
+        Raises
+        ------
+        TypeError
+            When ``estimator`` cannot be cloned and refitted (a bare torch module).
+        ValueError
+            When no retraining outcomes exist for these points.
+        """
+        from .evaluation import influence_score
+
+        return influence_score(self, X, y)
+
     # ------------------------------------------------------------------ classifiers
     def class_probabilities(self, X=None, *, leave_one_out=False, classes=None):
         """The model's probability of each class, ``exp(-loss(output, c))`` normalised.
@@ -540,6 +578,13 @@ class InfluenceScorer(BaseEstimator):
             V = (self.solver_.solve(G) / n).to(theta.dtype)
             res.append(vmap(shifted)(X[s], V))
         return torch.cat(res)
+
+
+class _LastCall:
+    """Diagnostics of the most recent call that solved systems: a log kept beside
+    the fitted state, which such calls never change."""
+
+    report: SolveReport | None = None
 
 
 def _class_proba(adapter, outputs: torch.Tensor, classes: np.ndarray) -> np.ndarray:
@@ -617,7 +662,7 @@ def _attribute(attr):
     def get(self):
         check_is_fitted(self)
         if attr.when == "solve":
-            report = self.__dict__.get("_solve_report")
+            report = getattr(self.__dict__.get("_last_call"), "report", None)
             if report is None:
                 raise AttributeError(f"{attr.name} is available after {_AFTER_SOLVE}.")
             value = getattr(report, attr.name.rstrip("_"))

@@ -29,6 +29,7 @@ solver's own attributes, all come from them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -106,6 +107,11 @@ class CurvatureOperator:
         return self.adapter.device
 
     @property
+    def dtype(self):
+        """The working dtype of the products."""
+        return self.adapter.dtype
+
+    @property
     def eps(self) -> float:
         """Machine epsilon of the precision the products run in."""
         return float(torch.finfo(self.adapter.dtype).eps)
@@ -137,6 +143,17 @@ class CurvatureOperator:
         if not self.adapter.penalty.is_zero:
             out = out + self.adapter.penalty.mv(V)
         return out + self.regularization * V
+
+    def dense(self, progress=None) -> torch.Tensor:
+        """``A`` as a dense p x p matrix in the working dtype (the Direct method only)."""
+        from ._dense import dense_curvature
+
+        a = self.adapter
+        A = dense_curvature(a, self.X, self.Y, self.curvature, self.batch_size, progress=progress)
+        if not a.penalty.is_zero:
+            A += a.penalty.dense(a.n_params, a.dtype, a.device)
+        A.diagonal().add_(self.regularization)
+        return A
 
     def subset(self, idx) -> CurvatureOperator:
         """The same operator over the training points ``idx`` only (a minibatch)."""
@@ -310,6 +327,12 @@ class Solver:
     parameters: tuple = ()
     #: The curvature the method approximates; None follows the scorer's ``hessian``.
     curvature: str | None = None
+    #: Settings under which the method is as accurate as it gets (tight tolerances);
+    #: reference runs and the common tests use them.
+    reference_settings: ClassVar[dict] = {}
+    #: The right-hand sides of one solve share work (a block Krylov space), so a
+    #: result depends, to the tolerance, on which others it was solved with.
+    block_solves: bool = False
     scorer_name: str = ""
     summary: str = ""
     description: str = ""

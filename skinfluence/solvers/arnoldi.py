@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -95,6 +96,7 @@ of this residual: 1e-2 typically leaves them well below 1%."""),
         "batch_size", "dtype", "device", "progress",
         random_state_param("the Lanczos start block"),
     )
+    reference_settings: ClassVar[dict] = {"rtol": 1e-10}
     scorer_name = "ArnoldiInfluenceScorer"
     summary = "Influence functions from the top eigenpairs of the curvature (Lanczos)."
     description = f"""

@@ -28,6 +28,7 @@ Preconditioners (applied to the residual block):
 from __future__ import annotations
 
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -125,6 +126,8 @@ Hessian's diagonal for ``hessian="exact"``), from per-sample output Jacobians.""
         "batch_size", "dtype", "device", "progress",
         random_state_param("the Nystroem preconditioner's sketch"),
     )
+    reference_settings: ClassVar[dict] = {"rtol": 1e-12}
+    block_solves = True
     scorer_name = "CgInfluenceScorer"
     summary = "Influence functions by conjugate gradients, without forming the Hessian."
     description = """
@@ -187,7 +190,7 @@ the most recent call that solved systems.""", when="solve"),
             )
             keep = s + lam > 0
             s, U = s[keep], U[keep]
-            wd = operator.adapter.dtype
+            wd = operator.dtype
             # P^-1 r = r + U^T ((s_r + lam) / (s + lam) - 1) U r, in working precision
             self.preconditioner_ = (
                 ("nystroem", U.to(wd), ((s[-1] + lam) / (s + lam) - 1.0).to(wd))
@@ -204,7 +207,7 @@ the most recent call that solved systems.""", when="solve"),
                     "regularization > 0)",
                     0.0, float(d.max()),
                 )
-            self.preconditioner_ = ("jacobi", d.to(operator.adapter.dtype))
+            self.preconditioner_ = ("jacobi", d.to(operator.dtype))
         return self
 
     def _precondition(self, R: torch.Tensor) -> torch.Tensor:
@@ -217,7 +220,7 @@ the most recent call that solved systems.""", when="solve"),
         return R + ((R @ U.T) * factor) @ U
 
     def _mv(self, V: torch.Tensor) -> torch.Tensor:
-        return self.operator_.mv(V.to(self.operator_.adapter.dtype)).to(V.dtype)
+        return self.operator_.mv(V.to(self.operator_.dtype)).to(V.dtype)
 
     # ------------------------------------------------------------------ solve
     def solve(self, G: torch.Tensor, report: SolveReport | None = None) -> torch.Tensor:
@@ -225,7 +228,7 @@ the most recent call that solved systems.""", when="solve"),
         # Blocks of vectors stay in the working precision (float32 for most models:
         # half the memory and time of the many k x p products); the small k x k
         # systems are solved in float64.
-        wd = op.adapter.dtype
+        wd = op.dtype
         norms = G.to(torch.float64).norm(dim=1)
         safe = torch.where(norms > 0, norms, torch.ones_like(norms))
         tol = torch.clamp(self.atol / safe, min=self.rtol)  # relative to each ||g||

@@ -6,7 +6,6 @@ import torch
 
 from .._linalg import not_positive_definite
 from ._base import CurvatureOperator, Solver
-from ._dense import dense_curvature
 
 __all__ = ["DirectSolver"]
 
@@ -65,13 +64,7 @@ class DirectSolver(Solver):
     (200,)"""
 
     def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
-        a = operator.adapter
-        A = dense_curvature(
-            a, operator.X, operator.Y, operator.curvature, operator.batch_size, progress=progress
-        )
-        if not a.penalty.is_zero:
-            A += a.penalty.dense(a.n_params, a.dtype, a.device)
-        A.diagonal().add_(operator.regularization)
+        A = operator.dense(progress)
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
             A.diagonal().sub_(operator.regularization)

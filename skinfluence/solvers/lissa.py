@@ -34,6 +34,7 @@ stops with :class:`LissaDivergenceError` rather than running into NaN.
 from __future__ import annotations
 
 from numbers import Integral, Real
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -114,6 +115,7 @@ the result that more iterations do not remove."""),
         "batch_size", "dtype", "device", "progress",
         random_state_param("the Lanczos start of scale='auto' and the minibatches"),
     )
+    reference_settings: ClassVar[dict] = {"rtol": 1e-8}
     scorer_name = "LissaInfluenceScorer"
     summary = "Influence functions by LiSSA, the stochastic Neumann series."
     description = """

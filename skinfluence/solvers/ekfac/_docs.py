@@ -1,0 +1,103 @@
+"""What EK-FAC declares to its scorer: parameters, documentation, fitted attributes."""
+
+from __future__ import annotations
+
+from numbers import Integral
+
+from sklearn.utils._param_validation import Interval, StrOptions
+
+from .._base import Attribute, Param
+from ._fisher import FISHERS
+
+PARAMETERS = (
+        "estimator", "loss", "params", "regularization",
+        Param("update_diagonal", True, ["boolean"], "bool", """Refit the eigenvalues in the Kronecker eigenbasis from per-sample gradients
+(EK-FAC). False keeps the products of the factors' eigenvalues (K-FAC)."""),
+        Param("basis_iter", 2, [Interval(Integral, 0, None, closed="left")], "int", """With ``update_diagonal=True``: alternating updates that move each layer's
+two factors towards the nearest Kronecker product (in Frobenius norm) of its
+curvature block before their eigenbasis is taken. K-FAC's factors treat
+activations and output gradients as independent; each update reweights one
+factor's covariance by the other's quadratic form, which corrects for their
+dependence and gives a basis in which the refitted diagonal is closer to the
+curvature. Each update costs two passes over data that are usually kept in
+memory from the first pass. 0 keeps the eigenbasis of the K-FAC factors
+(George et al., 2018, and pyDVL)."""),
+        Param("fisher", "gauss-newton", [StrOptions(set(FISHERS))], '{"gauss-newton", "true", "empirical"}',
+              """Output gradients the factors are built from. "gauss-newton": the expectation
+over the model's predictive distribution, computed exactly from a square root
+of the loss's Hessian with respect to the model output (one backward pass per
+output, e.g. per class; any twice-differentiable loss); the factors are then
+those of the Gauss-Newton matrix, and equal it whenever it is
+Kronecker-factored (a single linear layer with MSE loss). "true": one label per
+sample drawn from the predictive distribution (softmax for cross-entropy and
+skorch's NLL on probabilities, Bernoulli for binary cross-entropy, Gaussian for
+MSE), seeded by ``random_state``: an unbiased, noisier estimate at the cost of
+one backward pass, for models with many outputs. "empirical": the given
+labels."""),
+        Param("layers", None, [None, str, list, tuple], "str or list of str", """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules to take into account, as in
+``model.named_modules()``; the parameters of other modules are held fixed.
+None takes every module holding a selected parameter, and raises an error
+listing any that is neither Linear nor Conv2d."""),
+        "mode", "batch_size", "dtype", "device", "progress",
+        Param("random_state", None, ["random_state"], "int, RandomState instance or None",
+              'Seeds the labels sampled for ``fisher="true"``.'),
+)
+SCORER_NAME = "EkfacInfluenceScorer"
+SUMMARY = "Influence functions with EK-FAC, Kronecker-factored curvature per layer."
+DESCRIPTION = """
+    The curvature is block diagonal over the model's ``nn.Linear`` and ``nn.Conv2d``
+    layers. Each block is approximated by the Kronecker product of the covariance of
+    the layer's input activations (a 1 appended for the bias) and that of the
+    gradients with respect to its output (K-FAC; KFC for convolutions, over unfolded
+    patches); with ``update_diagonal=True`` its eigenvalues are refitted from
+    per-sample gradients projected on the Kronecker eigenbasis (EK-FAC, George et al.
+    2018), after the factors have been moved towards the nearest Kronecker product of
+    the block (``basis_iter``), which gives a better basis. ``regularization`` is
+    added to those eigenvalues, as in pyDVL's ``EkfacInfluence``, together with the
+    diagonal of the estimator's own L2 penalty in the same basis. The factors take
+    ``2 + 2 * basis_iter`` passes over the training data (all but the first over
+    activations kept in memory when they fit), and influences need no
+    Hessian-vector products."""
+CURVATURE_NOTE = """Here H is the EK-FAC approximation of the Gauss-Newton (Fisher)
+    matrix, block diagonal over layers; on a non-convex model it differs from the
+    Hessian that :class:`DirectInfluenceScorer` uses by default."""
+NOTES = """
+    Convolutions follow KFC (Grosse & Martens, 2016): the activation factor is
+    averaged over output positions and the gradient factor summed over them, so
+    that plain K-FAC has the scale of the Fisher when output gradients are
+    spatially uncorrelated."""
+MEMORY = """
+    Memory: per layer, the two factors and their eigenvectors plus ``d_out x d_in``
+    eigenvalues; while computing influences, the test points' preconditioned
+    gradients (n_test x p). Training gradients of a layer applied once per sample
+    are never formed: the test factors are contracted with the batch's activations
+    and output gradients; convolutions form ``batch_size`` gradients at a time."""
+ATTRIBUTES = (
+        Attribute("layers_", "list of str", "Names of the modules whose parameters are taken into account.",
+                  source="layer_names_"),
+)
+EXAMPLES = """
+    >>> import numpy as np
+    >>> import torch
+    >>> from sklearn.datasets import load_digits
+    >>> from skorch import NeuralNetClassifier
+    >>> from skinfluence import EkfacInfluenceScorer
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X, y = (X / 16).astype(np.float32), y.astype(np.int64)
+    >>> _ = torch.manual_seed(0)
+    >>> module = torch.nn.Sequential(
+    ...     torch.nn.Linear(64, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10))
+    >>> net = NeuralNetClassifier(
+    ...     module, criterion=torch.nn.CrossEntropyLoss, max_epochs=20, lr=0.1,
+    ...     train_split=None, verbose=0).fit(X[:300], y[:300])
+    >>> scorer = EkfacInfluenceScorer(net, regularization=0.1)
+    >>> scorer = scorer.fit(X[:300], y[:300])
+    >>> scorer.influences(X[300:310], y[300:310]).shape
+    (10, 300)
+    >>> by_layer = scorer.influences_by_layer(X[300:310], y[300:310])
+    >>> sorted(by_layer)
+    ['0', '2']
+    >>> bool(np.allclose(sum(by_layer.values()), scorer.influences(X[300:310], y[300:310]),
+    ...                  rtol=1e-4, atol=1e-6))
+    True"""
+
