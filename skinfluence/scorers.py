@@ -31,6 +31,8 @@ from torch.func import grad, jvp, vmap
 
 from ._adapters import BINARY, CLASS_INDEX, build_adapter, resolve_dtype
 from ._gradients import batch_slices, per_sample_grads
+from .large import LargeData
+from .removal import RemovalEffects
 from .solvers import METHODS, CurvatureOperator, Param, SolveReport, pairwise_tile
 
 __all__ = ["InfluenceScorer", *sorted(s.scorer_name for s in METHODS.values())]
@@ -120,7 +122,7 @@ def _iterate(progress, iterable, desc):
     return iterable if progress is None else progress(iterable, desc)
 
 
-class InfluenceScorer(BaseEstimator):
+class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
     """Base class of the influence scorers; use one of its subclasses.
 
     Every operation goes through the solver contract (``skinfluence.solvers``): a
