@@ -102,8 +102,20 @@ _AFTER_SOLVE = (
 )
 
 
+_PAIRWISE_PARAMS = """Parameters
+        ----------
+        X_test : array-like of shape (n_test, n_features)
+            Points whose loss is influenced.
+        y_test : array-like of shape (n_test,), default=None
+            Their targets; None uses the model's predicted class (classifiers only).
+        X, y : array-like, default=None
+            Training points to score, with their targets; None uses the data given to
+            ``fit``."""
+
+
 def _doc(obj):
-    obj.__doc__ = obj.__doc__.replace("{sign_and_scale}", SIGN_AND_SCALE)
+    doc = obj.__doc__.replace("{sign_and_scale}", SIGN_AND_SCALE)
+    obj.__doc__ = doc.replace("{pairwise_params}", _PAIRWISE_PARAMS)
     return obj
 
 
@@ -370,15 +382,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         with respect to the features of training point j, i.e. how the test loss
         responds when training point j is moved.
 
-        Parameters
-        ----------
-        X_test : array-like of shape (n_test, n_features)
-            Points whose loss is influenced.
-        y_test : array-like of shape (n_test,), default=None
-            Their targets; None uses the model's predicted class (classifiers only).
-        X, y : array-like, default=None
-            Training points to score, with their targets; None uses the data given to
-            ``fit``.
+        {pairwise_params}
 
         Returns
         -------
@@ -397,14 +401,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         :meth:`influences`. For a curvature that is block diagonal over layers
         (EK-FAC) each is the influence computed with that layer alone.
 
-        Parameters
-        ----------
-        X_test : array-like of shape (n_test, n_features)
-            Points whose loss is influenced.
-        y_test : array-like of shape (n_test,), default=None
-            Their targets; None uses the model's predicted class (classifiers only).
-        X, y : array-like, default=None
-            Training points to score; None uses the data given to ``fit``.
+        {pairwise_params}
 
         Returns
         -------
@@ -717,6 +714,15 @@ def build_scorer_class(solver_cls) -> type:
     return type(solver_cls.scorer_name, (InfluenceScorer,), namespace)
 
 
+def _methods_table() -> str:
+    """A table of the registered methods, for this module's documentation."""
+    rows = ["| method | scorer | what it computes |", "|---|---|---|"]
+    for name, solver in METHODS.items():
+        rows.append(f"| `{name}` | `{solver.scorer_name}` | {solver.summary} |")
+    return "\n".join(rows)
+
+
 for _solver in METHODS.values():
     globals()[_solver.scorer_name] = build_scorer_class(_solver)
 del _solver
+__doc__ += "\nThe registered methods (``inversion_method`` of the functional interface):\n\n" + _methods_table() + "\n"

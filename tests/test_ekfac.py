@@ -624,11 +624,3 @@ def test_binary_logistic_regression(cancer):
     # eigenbasis of E[a a^T], a rough approximation
     r = pearsonr(s.transform(Xte, yte).ravel(), di.transform(Xte, yte).ravel())[0]
     assert r > 0.85
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_cpu(torch_mlp, wine):
-    Xtr, ytr, Xte, yte = wine
-    cpu = _ekfac(torch_mlp).fit(Xtr, ytr).influences(Xte, yte)
-    gpu = _ekfac(torch_mlp, device="cuda").fit(Xtr, ytr).influences(Xte, yte)
-    np.testing.assert_allclose(gpu, cpu, rtol=1e-7, atol=1e-10)

@@ -442,15 +442,6 @@ def test_progress_bars_do_not_change_results(mlp_data):
         np.testing.assert_array_equal(a.influences(Xte, yte), b.influences(Xte, yte))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("cls, kw", ALL)
-def test_cuda_matches_cpu(mlp_data, cls, kw):
-    model, Xtr, ytr, Xte, yte = mlp_data
-    cpu = make(cls, model, random_state=0, **kw).fit(Xtr, ytr).influences(Xte, yte)
-    gpu = make(cls, model, random_state=0, device="cuda", **kw).fit(Xtr, ytr)
-    assert rel_err(gpu.influences(Xte, yte), cpu) < 1e-6
-
-
 def test_cg_negative_curvature_is_reported_not_crashed():
     """An indefinite Hessian gives NotPositiveDefiniteError with a suggestion, even
     when the search block is linearly dependent (many identical right-hand sides)."""
