@@ -30,8 +30,8 @@ from skinfluence import (
     NotPositiveDefiniteError,
     NystroemInfluenceScorer,
 )
-from skinfluence.solvers._dense import dense_curvature
 from skinfluence.solvers import LissaDivergenceError
+from skinfluence.solvers._dense import dense_curvature
 
 REG = 0.1
 N_TRAIN = 70
