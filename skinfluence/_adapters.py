@@ -18,6 +18,7 @@ module back in the train/eval mode it came in.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,6 +34,9 @@ CLASS_INDEX = "class_index"  # integer class labels, loss on K outputs
 BINARY = "binary"  # one logit, float 0/1 targets
 REGRESSION = "regression"  # float targets shaped like the output
 OTHER = "other"  # user loss of unknown kind: targets passed through
+#: ``params=LAST_LAYER``: the parameters of the module holding the model's last
+#: trainable parameter (a linear model's only layer).
+LAST_LAYER = "last-layer"
 
 
 # --------------------------------------------------------------------------- losses
@@ -222,17 +226,18 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     """Accept torch dtypes, numpy dtypes and their names; None stays None."""
     if dtype is None:
         return None
+    table = {"float32": torch.float32, "float64": torch.float64}
     if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        name = np.dtype(dtype).name
-    except TypeError:
-        name = None
-    table = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}
+        name = str(dtype).replace("torch.", "")
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
     if name not in table:
         raise ValueError(
             f"dtype={dtype!r} is not supported; use None (the model's dtype), "
-            "'float32' or 'float64'."
+            "'float32' or 'float64' (half precision loses too much in the curvature)."
         )
     return table[name]
 
@@ -274,6 +279,11 @@ class ModelAdapter:
         if not self.dtype.is_floating_point:
             raise ValueError(f"dtype: the model's parameters are {self.dtype}; pass dtype='float32'.")
         self.device = torch.device(device) if device is not None else first.device
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"device: {device!r} asks for CUDA, which is not available on this "
+                "machine; use device=None (the model's device) or 'cpu'."
+            )
         selected = set(self.param_names)
         self.params = {}
         self.frozen = {}
@@ -359,6 +369,24 @@ class ModelAdapter:
                     f"({type(exc).__name__}: {exc}). Pass X with the number of features "
                     "the model was fitted on."
                 ) from exc
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(
+                f"estimator: the model returns a {type(out).__name__}, not a tensor; pass a "
+                "module whose forward returns the output tensor (or a tuple whose first "
+                "element is it)."
+            )
+        if out.dim() > 2:
+            raise ValueError(
+                f"X: for one sample of shape {tuple(X.shape[1:])} the model returns an "
+                f"output of shape {tuple(out.shape[1:])}, not one output vector; pass X "
+                "with samples shaped as the model was fitted on (e.g. 2-d X for a "
+                "tabular model)."
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                "X: the model's output is not finite (inf or NaN) on the first sample; "
+                "check the inputs' scale (standardize the features)."
+            )
         self.n_outputs = int(out.shape[-1]) if out.dim() > 1 else 1
         if self.target_kind == CLASS_INDEX and self.classes is None:
             self.classes = np.arange(self.n_outputs)
@@ -368,11 +396,30 @@ class ModelAdapter:
     def features(self, X: np.ndarray) -> torch.Tensor:
         # a copy: the scorer must not see later edits of the caller's array, and
         # read-only inputs (pandas) need no special care
-        return torch.tensor(np.asarray(X), dtype=self.dtype, device=self.device)
+        return torch.tensor(np.ascontiguousarray(X), dtype=self.dtype, device=self.device)
 
     def targets(self, y: np.ndarray, name: str = "y") -> torch.Tensor:
         """Convert labels to what the loss takes, refusing labels the model never saw."""
         y = np.asarray(y)
+        if self.target_kind in (CLASS_INDEX, BINARY) and y.ndim == 2:
+            if y.shape[1] != 1:
+                raise ValueError(
+                    f"{name} has shape {y.shape}; a classifier takes one class label per "
+                    "sample: pass a 1-d array of labels."
+                )
+            y = y[:, 0]
+        if self.target_kind == REGRESSION:
+            if y.dtype.kind not in "biuf":
+                raise ValueError(
+                    f"{name}: the model is a regressor, so targets must be numbers; got "
+                    f"values of type {y.dtype} such as {y.ravel()[:1].tolist()}."
+                )
+            width = y.shape[1] if y.ndim == 2 else 1
+            if self.n_outputs is not None and width != self.n_outputs and y.ndim <= 2:
+                raise ValueError(
+                    f"{name} has {width} target column(s) but the model has "
+                    f"{self.n_outputs} output(s); pass one target per output."
+                )
         if self.target_kind in (CLASS_INDEX, BINARY) and self.classes is not None:
             known = np.isin(y, self.classes)
             if not known.all():
@@ -413,6 +460,10 @@ def _select_params(named, params) -> list[str]:
                 "with the names of the parameters to use."
             )
         return names
+    if params == LAST_LAYER:
+        trainable = [n for n, p in named if p.requires_grad] or [n for n, _ in named]
+        owner = trainable[-1].rpartition(".")[0]
+        return [n for n in trainable if n.rpartition(".")[0] == owner]
     if isinstance(params, str):
         params = [params]
     all_names = [n for n, _ in named]
@@ -437,6 +488,17 @@ def build_adapter(estimator, *, loss=None, params=None, dtype=None, device=None)
         raise ValueError(
             "estimator: pass a fitted model (a skorch net, a torch nn.Module with "
             "loss=..., or an sklearn linear model)."
+        )
+    if isinstance(loss, type):
+        raise ValueError(
+            f"loss: got the class {loss.__name__}; pass a loss callable, e.g. an "
+            f"instance loss={loss.__name__}() or a function such as "
+            "torch.nn.functional.cross_entropy."
+        )
+    if params is not None and not isinstance(params, str) and len(params) == 0:
+        raise ValueError(
+            "params: an empty list selects no parameter; pass parameter names or module "
+            "prefixes, or None for every parameter that requires gradients."
         )
     try:
         import skorch
@@ -477,11 +539,26 @@ def _from_skorch(net, loss, params, dtype, device) -> ModelAdapter:
 
     try:
         net.check_is_fitted()
+        if not len(net.history):
+            raise NotFittedError("initialized but never trained")
     except NotFittedError as exc:
         raise NotFittedError(
-            f"estimator: this {type(net).__name__} is not fitted yet; call fit on it "
-            "before computing influences."
+            f"estimator: this {type(net).__name__} is not fitted yet (an initialized "
+            "net with no training history counts as unfitted); call fit on it before "
+            "computing influences. If you loaded trained weights into it, load its "
+            "history too (net.load_params(..., f_history=...))."
         ) from exc
+    if getattr(net, "train_split", None) is not None:
+        warnings.warn(
+            f"estimator: this {type(net).__name__} was fitted with "
+            f"train_split={net.train_split!r}, so it trained on only part of the data it "
+            "was given (skorch's default holds out 20% for validation). The influences "
+            "take the curvature over all of the X passed to fit, including points the net "
+            "never trained on: refit the net with train_split=None, or pass only the "
+            "points it trained on.",
+            UserWarning,
+            stacklevel=4,
+        )
     module = net.module_
     criterion = loss if loss is not None else net.criterion_
     is_binary = isinstance(net, skorch.NeuralNetBinaryClassifier)

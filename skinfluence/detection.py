@@ -34,7 +34,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, MetaEstimatorMixin, OneToOneFeatureMixin, clone
+from sklearn.base import (
+    BaseEstimator,
+    MetaEstimatorMixin,
+    OneToOneFeatureMixin,
+    clone,
+    is_classifier,
+)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import RepeatedStratifiedKFold, check_cv
 from sklearn.utils import _safe_indexing, check_random_state, get_tags
@@ -42,13 +48,13 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import check_classification_targets, type_of_target
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
-from torch import nn
 
+from ._adapters import LAST_LAYER
 from ._gradients import batch_slices
 from .scorers import DirectInfluenceScorer, InfluenceScorer
 from .solvers import NotPositiveDefiniteError
 
-__all__ = ["STRATEGIES", "MislabelDetector", "harm_votes"]
+__all__ = ["STRATEGIES", "MislabelDetector", "default_scorer", "harm_votes"]
 
 #: Regularization of the default scorer (exact inverse of the last layer's
 #: Gauss-Newton curvature); on the reference panels the scores change by less than
@@ -202,16 +208,24 @@ def _tukey_count(scores: np.ndarray) -> int:
     return int((scores > q3 + 1.5 * (q3 - q1)).sum())
 
 
-def _last_layer(model) -> list[str] | None:
-    """Names of the parameters of the module that owns the model's last parameter."""
-    module = getattr(model, "module_", model if isinstance(model, nn.Module) else None)
-    if not isinstance(module, nn.Module):
-        return None  # sklearn linear models: their only layer
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    if not names:
-        return None
-    owner = names[-1].rpartition(".")[0]
-    return [n for n in names if n.rpartition(".")[0] == owner]
+def default_scorer() -> DirectInfluenceScorer:
+    """The detector's default scorer: the exact inverse of the Gauss-Newton curvature of
+    the model's last layer (all parameters of a linear model), exact and cheap for any
+    network.
+
+    Returns
+    -------
+    scorer : DirectInfluenceScorer
+
+    Examples
+    --------
+    >>> from skinfluence.detection import default_scorer
+    >>> default_scorer().get_params()["params"]
+    'last-layer'
+    """
+    return DirectInfluenceScorer(
+        hessian="gauss-newton", regularization=DEFAULT_REGULARIZATION, params=LAST_LAYER
+    )
 
 
 @contextlib.contextmanager
@@ -484,6 +498,12 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
                 "estimator: pass a classifier to clean the labels for, e.g. a skorch "
                 "NeuralNetClassifier or an sklearn LogisticRegression."
             )
+        if not is_classifier(self.estimator):
+            raise ValueError(
+                f"estimator: {type(self.estimator).__name__} is not a classifier; wrong "
+                "labels are found for classifiers (a skorch NeuralNetClassifier, an "
+                "sklearn LogisticRegression, MLPClassifier or SGDClassifier)."
+            )
         if len(classes) < 2:
             raise ValueError(
                 f"y: finding wrong labels needs at least two classes; got {len(classes)} "
@@ -515,17 +535,22 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
         with _torch_seed(seed):
             return model.fit(X, y)
 
+    def set_params(self, **params):
+        """Set parameters; ``scorer__<name>`` also tunes the default scorer.
+
+        Returns
+        -------
+        self : object
+        """
+        if self.scorer is None and any(k.startswith("scorer__") for k in params):
+            self.scorer = default_scorer()
+        return super().set_params(**params)
+
     def _scored(self, model, X, y, seed, compute):
         """``compute(scorer)`` with a scorer fitted on ``model`` and (X, y)."""
-        if self.scorer is None:
-            scorer = DirectInfluenceScorer(
-                hessian="gauss-newton", regularization=DEFAULT_REGULARIZATION,
-                params=_last_layer(model),
-            )
-        else:
-            scorer = clone(self.scorer)
-            if seed is not None and scorer.get_params().get("random_state", 0) is None:
-                scorer.set_params(random_state=seed)  # randomized solvers: reproducible
+        scorer = clone(self.scorer) if self.scorer is not None else default_scorer()
+        if seed is not None and scorer.get_params().get("random_state", 0) is None:
+            scorer.set_params(random_state=seed)  # randomized solvers: reproducible
         scorer.set_params(estimator=model)
         try:
             return compute(scorer.fit(X, y))
@@ -536,15 +561,17 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
             # with it rather than fail a whole search.
             if scorer.get_params().get("hessian") != "exact":
                 raise
+            # the Gauss-Newton matrix is only semi-definite: it needs some regularization
+            reg = scorer.get_params().get("regularization", 0.0) or DEFAULT_REGULARIZATION
             warnings.warn(
                 f"MislabelDetector: {str(exc).strip()} Scoring this model with "
-                "hessian='gauss-newton' "
-                "instead; pass a scorer with hessian='gauss-newton' (or a larger "
-                "regularization) to silence this warning.",
+                f"hessian='gauss-newton' and regularization={reg:g} instead; pass a scorer "
+                "with hessian='gauss-newton' (or a larger regularization) to silence this "
+                "warning.",
                 ConvergenceWarning,
                 stacklevel=5,
             )
-            return compute(scorer.set_params(hessian="gauss-newton").fit(X, y))
+            return compute(scorer.set_params(hessian="gauss-newton", regularization=reg).fit(X, y))
 
     def _splits(self, X, y, rng):
         if isinstance(self.cv, Integral):

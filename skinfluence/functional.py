@@ -23,6 +23,7 @@ grad l(train_j)``, positive when training point j helps test point i.
 
 from __future__ import annotations
 
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -233,7 +234,10 @@ def _factors_array(influence_factors) -> np.ndarray:
     return _numpy(influence_factors)
 
 
-def _input_gradient_setup(model, input_data, influence_factors, loss, params, dtype, device):
+def _input_gradient_setup(model, input_data, influence_factors, loss, params, dtype, device,
+                          batch_size):
+    if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}.")
     X, y = _as_arrays(input_data, "input_data")
     X = check_array(X, allow_nd=True, dtype="numeric", input_name="input_data")
     adapter = build_adapter(model, loss=loss, params=params, dtype=dtype, device=device)
@@ -242,6 +246,8 @@ def _input_gradient_setup(model, input_data, influence_factors, loss, params, dt
     Yt = adapter.targets(y, "input_data")
     F = torch.as_tensor(_factors_array(influence_factors), device=adapter.device)
     F = F.to(adapter.dtype)
+    if not bool(torch.isfinite(F).all()):
+        raise ValueError("influence_factors: contains NaN or infinity; pass finite factors.")
     if F.ndim != 2 or F.shape[1] != adapter.n_params:
         raise ValueError(
             f"influence_factors: expected shape (n_test, {adapter.n_params}) for this "
@@ -299,7 +305,7 @@ def compute_influences_up(
     (5, 200)
     """
     adapter, X, Y, F = _input_gradient_setup(
-        model, input_data, influence_factors, loss, params, dtype, device
+        model, input_data, influence_factors, loss, params, dtype, device, batch_size
     )
     with adapter.eval_mode():
         I = influence_blocks(adapter, F, X, Y, "up", batch_size, _progress(progress))
@@ -355,7 +361,7 @@ def compute_influences_pert(
     (5, 20, 30)
     """
     adapter, X, Y, F = _input_gradient_setup(
-        model, input_data, influence_factors, loss, params, dtype, device
+        model, input_data, influence_factors, loss, params, dtype, device, batch_size
     )
     with adapter.eval_mode():
         I = influence_blocks(adapter, F, X, Y, "perturbation", batch_size, _progress(progress))
@@ -427,6 +433,7 @@ def compute_influences(
     ((10, 200), True)
     """
     _check_kwargs(kwargs)
+    influence_type = str(influence_type).lower()
     if influence_type not in ("up", "perturbation"):
         raise ValueError(
             f"influence_type: {influence_type!r} is not one of ['perturbation', 'up']."

@@ -62,7 +62,8 @@ evaluated in eval mode and handed back in the mode it came in."""),
 ``NeuralNetClassifier.get_loss`` does)."""),
         Param("params", None, [None, str, list, tuple], "str or list of str", """Parameter names or module prefixes to differentiate (e.g. ``"fc2"`` for a
 last layer); the others are held fixed. None uses every parameter that
-requires gradients."""),
+requires gradients; ``"last-layer"`` those of the module holding the model's
+last trainable parameter."""),
         Param("regularization", 0.01, [Interval(Real, 0, None, closed="left")], "float", """lambda added to the curvature, in the units of torch's ``weight_decay``. For
 sklearn linear models the model's own L2 penalty is already included, so 0
 gives the Hessian of the model's objective."""),
@@ -177,14 +178,23 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         return tags
 
     # ------------------------------------------------------------------ checks
+    def _check_fitted(self):
+        """Fitted, and the parameters (possibly changed by set_params) still valid."""
+        check_is_fitted(self)
+        self._validate_params()
+
     def _check_X(self, X, name):
+        X = _as_array(X)
         _check_feature_names(self, X, reset=False)
         X = check_array(X, allow_nd=True, dtype="numeric", input_name=name)
         if hasattr(self, "x_shape_") and tuple(X.shape[1:]) != self.x_shape_:
+            shape, fitted = tuple(X.shape[1:]), self.x_shape_
+            if X.ndim == 2 and len(fitted) == 1:
+                shape = f"{shape} ({X.shape[1]} features)"
+                fitted = f"{fitted} ({self.n_features_in_} features)"
             raise ValueError(
-                f"{name} has samples of shape {tuple(X.shape[1:])} "
-                f"({X.shape[1]} features), but {type(self).__name__} was fitted on "
-                f"samples of shape {self.x_shape_} ({self.n_features_in_} features)."
+                f"{name} has samples of shape {shape}, but {type(self).__name__} was "
+                f"fitted on samples of shape {fitted}."
             )
         return X
 
@@ -194,6 +204,9 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
                 f"{name}: {type(self).__name__} requires y to be passed, but the target y "
                 f"is None; pass one target per sample of {xname}."
             )
+        y = _as_array(y)
+        if np.ndim(y) == 0:
+            raise ValueError(f"{name} is a scalar; pass one target per sample of {xname}.")
         y = check_array(y, ensure_2d=False, dtype=None, input_name=name, ensure_all_finite=True)
         if y.shape[0] != n:
             raise ValueError(
@@ -254,7 +267,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         """
         self._reset()
         resolve_dtype(getattr(self, "dtype", None))
-        X = validate_data(self, X, reset=True, allow_nd=True, dtype="numeric")
+        X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
         fitted_names = {"n_features_in_": self.n_features_in_}
         if hasattr(self, "feature_names_in_"):
             fitted_names["feature_names_in_"] = self.feature_names_in_
@@ -276,6 +289,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             int(self.batch_size),
         )
         with adapter.eval_mode():
+            _check_differentiable(adapter, Xt, Yt)
             solver.fit(operator, progress=_progress(self.progress), mode=self.mode)
         for k, v in fitted_names.items():
             setattr(self, k, v)
@@ -318,7 +332,14 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         return torch.cat(out)
 
     def _numpy(self, t: torch.Tensor) -> np.ndarray:
-        return t.detach().to("cpu").numpy()
+        out = t.detach().to("cpu").numpy()
+        if not np.isfinite(out).all():
+            raise ValueError(
+                "X: the result is not finite (inf or NaN): the inputs or the model's "
+                "gradients overflowed the working precision. Standardize the features, "
+                "use dtype='float64', or increase regularization."
+            )
+        return out
 
     def influence_factors(self, X, y=None):
         """Inverse-curvature-vector products ``(H + lambda I)^-1 grad l(x, y)``.
@@ -336,7 +357,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             One row per sample, laid out as the model's parameters;
             ``factors @ grad l(train_j)`` is its influence row.
         """
-        check_is_fitted(self)
+        self._check_fitted()
         X, Y = self._data(X, y, "X", "y")
         report = self._new_report()
         with self.adapter_.eval_mode():
@@ -345,7 +366,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         return self._numpy(F)
 
     def _pairwise(self, X_test, y_test, X, y, by_layer: bool):
-        check_is_fitted(self)
+        self._check_fitted()
         Xte, Yte = self._data(X_test, y_test, "X_test", "y_test")
         Xtr, Ytr = self._data(X, y, "X", "y", predicted_ok=False)
         solver, progress = self.solver_, _progress(self.progress)
@@ -464,7 +485,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             In "perturbation" mode, the derivative of ``I[j, j]`` with respect to the
             features of the training copy of point j.
         """
-        check_is_fitted(self)
+        self._check_fitted()
         X, Y = self._data(X, y, "X", "y", predicted_ok=False)
         a, solver = self.adapter_, self.solver_
         report = self._new_report()
@@ -535,7 +556,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         -------
         P : ndarray of shape (n_samples, n_classes)
         """
-        check_is_fitted(self)
+        self._check_fitted()
         a = self.adapter_
         if a.target_kind not in (CLASS_INDEX, BINARY):
             raise ValueError(
@@ -577,6 +598,28 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             V = (self.solver_.solve(G) / n).to(theta.dtype)
             res.append(vmap(shifted)(X[s], V))
         return torch.cat(res)
+
+
+def _as_array(a):
+    """torch tensors (also ones that require grad) as numpy arrays; others unchanged."""
+    if isinstance(a, torch.Tensor):
+        return a.detach().to("cpu").numpy()
+    return a
+
+
+def _check_differentiable(adapter, X, Y) -> None:
+    """Per-sample gradients of two samples, so that a model torch.func cannot
+    differentiate per sample fails here with a clear message."""
+    try:
+        per_sample_grads(adapter, X[:2], Y[:2])
+    except RuntimeError as exc:
+        raise ValueError(
+            "estimator: the per-sample gradients of this model could not be computed "
+            f"with torch.func ({type(exc).__name__}: {str(exc).splitlines()[0]}). Models "
+            "with data-dependent control flow, in-place updates of their inputs or "
+            "layers without functional support (such as nn.LSTM) are not supported; "
+            "select differentiable parts with params=."
+        ) from exc
 
 
 class _LastCall:

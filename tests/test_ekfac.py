@@ -417,6 +417,7 @@ def test_true_fisher_samples_the_predictive_distribution(torch_mlp, wine):
     true = _ekfac(torch_mlp, fisher="true", random_state=0).fit(Xr, yr).solver_.factors_
     net = NeuralNetClassifier(SoftmaxMLP, train_split=None, verbose=0).initialize()
     net.module_.double().load_state_dict(torch_mlp.state_dict())  # same weights, softmax inside
+    net.history.new_epoch()  # weights loaded from a trained model: it has been trained
     probs = EkfacInfluenceScorer(net, fisher="true", random_state=0).fit(Xr, yr)
     assert probs.solver_.sampler_.probs
     for name in gn:

@@ -65,6 +65,12 @@ class DirectSolver(Solver):
 
     def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
         A = operator.dense(progress)
+        if not bool(torch.isfinite(A).all()):
+            raise ValueError(
+                "X: the curvature is not finite (inf or NaN): the inputs or the model's "
+                "gradients overflowed the working precision. Standardize the features or "
+                "use dtype='float64'."
+            )
         L, info = torch.linalg.cholesky_ex(A)
         if int(info) != 0:
             A.diagonal().sub_(operator.regularization)
