@@ -173,7 +173,10 @@ def block_lanczos(
 
     Full reorthogonalisation; the Rayleigh-Ritz problem on the whole Krylov basis is
     solved in float64, and every product is kept, so the Ritz residuals come for
-    free and the iteration stops as soon as the wanted pairs have converged.
+    free. The iteration stops once the wanted pairs have converged and one more
+    random block, orthogonal to the basis, leaves them unchanged (so that copies of
+    a repeated eigenvalue the start block missed are found), or at
+    ``krylov_dimension`` vectors.
 
     Parameters
     ----------
@@ -224,6 +227,7 @@ def block_lanczos(
     block = orthonormal_rows(random_rows(rng, min(block_size, krylov_dimension), n_params, device))
     basis, images = [], []
     size = 0
+    probe = None  # Ritz values when a random probe was added to check convergence
     steps = range(n_params)  # the loop always ends by size or convergence
     for _ in steps if progress is None else progress(steps, "Lanczos"):
         W = mv(block)
@@ -239,10 +243,24 @@ def block_lanczos(
         V, AV = Y.T @ Q, Y.T @ AQ
         scale = float(theta.abs().max()) if theta.numel() else 0.0
         residuals = (AV - theta[:, None] * V).norm(dim=1) / max(scale, 1e-300)
-        if size >= krylov_dimension or bool((residuals <= rtol).all()):
+        converged = theta.numel() >= rank and bool((residuals <= rtol).all())
+        if size >= krylov_dimension:
             break
-        # Next block: the part of M @ block not yet in the basis.
         want = min(block_size, krylov_dimension - size)
+        if converged:
+            # Converged Ritz pairs can still miss eigenvalues that the start block
+            # barely touched (copies of a repeated eigenvalue, say): stop only once a
+            # random block orthogonal to the basis has changed none of them.
+            if probe is not None and torch.allclose(theta, probe, rtol=rtol, atol=0.0):
+                break
+            probe = theta.clone()
+            extra = random_rows(rng, want, n_params, device)
+            block = _new_directions(extra, Q, scale=1.0)[:want]
+            if block.shape[0] == 0:
+                break
+            continue
+        probe = None
+        # Next block: the part of M @ block not yet in the basis.
         block = _new_directions(W, Q, scale=float(W.norm(dim=1).max()))[:want]
         if block.shape[0] < want:
             # The basis is (nearly) invariant: continue with random directions.

@@ -204,3 +204,69 @@ def test_functional_arguments_are_validated(mlp):
         compute_influences_up(model, (X, y), np.zeros((2, 37)), loss=F.cross_entropy, batch_size=-1)
     with pytest.raises(ValueError, match="influence_factors: contains NaN"):
         compute_influences_up(model, (X, y), np.full((2, 37), np.nan), loss=F.cross_entropy)
+
+
+def test_exact_hessian_of_a_conv1d_model(monkeypatch):
+    """Direct's exact Hessian of a Conv1d network equals CG's products, also through
+    the reverse-mode rows used when forward-mode derivatives fail under vmap."""
+    from skinfluence.solvers import _dense
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(5, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(9, 2)).double()
+    X = np.random.default_rng(0).normal(size=(20, 5, 4))
+    y = np.arange(20) % 2
+    kw = {"loss": F.cross_entropy, "regularization": 2.0}
+    ref = CgInfluenceScorer(model, rtol=1e-12, **kw).fit(X, y).influences(X[:3], y[:3])
+    np.testing.assert_allclose(DirectInfluenceScorer(model, **kw).fit(X, y).influences(X[:3], y[:3]),
+                               ref, rtol=1e-8, atol=1e-12)
+
+    def fails(*args):
+        raise RuntimeError("Trying to set a forward gradient that has a different size")
+
+    monkeypatch.setattr(_dense, "_forward_rows", fails)
+    np.testing.assert_allclose(DirectInfluenceScorer(model, **kw).fit(X, y).influences(X[:3], y[:3]),
+                               ref, rtol=1e-8, atol=1e-12)
+
+
+def test_linear_layer_whose_weight_was_replaced():
+    """The structured Hessian reads a Linear layer's sizes from its weight."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 4).double()
+    lin.weight = nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    lin.bias = nn.Parameter(torch.randn(5, dtype=torch.float64))
+    X = np.random.default_rng(1).normal(size=(30, 3))
+    y = np.arange(30) % 5
+    kw = {"loss": F.cross_entropy, "regularization": 0.5}
+    ref = CgInfluenceScorer(lin, rtol=1e-12, **kw).fit(X, y).influences(X[:3], y[:3])
+    np.testing.assert_allclose(DirectInfluenceScorer(lin, **kw).fit(X, y).influences(X[:3], y[:3]),
+                               ref, rtol=1e-8, atol=1e-12)
+
+
+def test_arnoldi_finds_every_copy_of_a_repeated_eigenvalue():
+    """rank pairs of largest magnitude, also when the top eigenvalue is repeated
+    (a block Krylov space started from few vectors sees few of its copies)."""
+    from test_contract import DenseOperator
+
+    from skinfluence.solvers import ArnoldiSolver
+
+    rng = np.random.default_rng(0)
+    p = 120
+    e = np.r_[np.full(30, 5.0), np.linspace(0.1, 2.0, p - 30)]
+    Q = np.linalg.qr(rng.normal(size=(p, p)))[0]
+    M = torch.tensor(Q @ np.diag(e) @ Q.T)
+    solver = ArnoldiSolver(rank=10, random_state=0).fit(DenseOperator(M, 0.1))
+    np.testing.assert_allclose(solver.eigenvalues_.numpy(), np.full(10, 5.0), rtol=1e-3)
+
+
+def test_arnoldi_returns_rank_pairs_on_a_kronecker_spectrum():
+    """One Linear layer with MSE: 17 distinct eigenvalues, each 30 times."""
+    from skinfluence import ArnoldiInfluenceScorer
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 16))
+    Y = X @ rng.normal(size=(16, 30)) + 0.1 * rng.normal(size=(200, 30))
+    torch.manual_seed(0)
+    model = nn.Linear(16, 30).double()
+    s = ArnoldiInfluenceScorer(model, loss=F.mse_loss, rank=200, regularization=0.1,
+                               random_state=0).fit(X, Y)
+    assert s.eigenvalues_.shape == (200,)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from .._adapters import ModelAdapter
 from .._gradients import batch_slices, curvature_mv
@@ -101,7 +101,19 @@ def _hessian_rows(adapter: ModelAdapter, X, Y, t: int, b: slice) -> torch.Tensor
     E = torch.zeros(b.stop - b.start, k, dtype=adapter.dtype, device=adapter.device)
     E[torch.arange(E.shape[0]), torch.arange(b.start, b.stop)] = 1.0
     theta_t = adapter.params[name]
-    return vmap(lambda v: jvp(grads_of_later, (theta_t,), (v.reshape(shape),))[1])(E)
+    try:
+        return _forward_rows(grads_of_later, theta_t, E, shape)
+    except RuntimeError:
+        # Some layers' forward-mode derivatives fail under vmap (tangent shapes that
+        # differ from the primal's, seen with nn.Conv1d): reverse mode gives the
+        # same rows, at the cost of the whole block of the Jacobian.
+        J = jacrev(grads_of_later)(theta_t).reshape(-1, k)  # (later, k)
+        return J.T[b.start : b.stop]
+
+
+def _forward_rows(f, theta, E, shape):
+    """Rows ``d f / d theta`` along the basis vectors ``E`` (forward over reverse)."""
+    return vmap(lambda v: jvp(f, (theta,), (v.reshape(shape),))[1])(E)
 
 
 def _offsets(adapter: ModelAdapter) -> list[int]:

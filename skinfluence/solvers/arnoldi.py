@@ -161,7 +161,15 @@ decreasing order of magnitude."""),
             device=operator.device,
             progress=progress,
         )
-        if not bool((residuals <= self.rtol).all()) and n_products < p:
+        if theta.numel() < self.rank:
+            warnings.warn(
+                f"The Lanczos iteration found {theta.numel()} eigenpairs, fewer than "
+                f"rank={self.rank}, within krylov_dimension={dim}: increase "
+                "krylov_dimension, or lower rank.",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+        elif not bool((residuals <= self.rtol).all()) and n_products < p:
             worst = float(residuals.max())
             warnings.warn(
                 f"The Lanczos iteration reached krylov_dimension={dim} before the "
