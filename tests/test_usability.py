@@ -87,7 +87,7 @@ def test_an_initialized_but_untrained_skorch_net_is_not_fitted(mlp):
     _, X, y = mlp
     net = NeuralNetClassifier(nn.Linear, module__in_features=4, module__out_features=2,
                               criterion=nn.CrossEntropyLoss, train_split=None).initialize()
-    with pytest.raises(NotFittedError, match="never trained|no training history"):
+    with pytest.raises(NotFittedError, match=r"never trained|no training history"):
         DirectInfluenceScorer(net).fit(X.astype(np.float32), y)
 
 
