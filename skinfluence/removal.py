@@ -122,6 +122,13 @@ def _operator(scorer):
     )
 
 
+def _operator_like(adapter, X, Y, op):
+    """``op``'s settings over other points, or at other parameters (a shifted adapter)."""
+    from .solvers import CurvatureOperator
+
+    return CurvatureOperator(adapter, X, Y, op.curvature, op.regularization, op.batch_size)
+
+
 def _sample_losses(adapter, params, X, Y, batch_size):
     f = vmap(adapter.sample_loss, in_dims=(None, 0, 0))
     out = [f(params, X[s], Y[s]) for s in _slices(X.shape[0], batch_size)]
@@ -215,59 +222,63 @@ class RemovalEffects:
             out.append(g)
         return torch.stack(out)
 
-    def _newton_steps(self, index_lists, rtol=1e-8, maxiter=None):
-        """``dN = (A - H_S / n)^-1 g_S / n`` for each group, (n_groups, p), by conjugate
-        gradients on the remaining data's curvature, preconditioned by the solver."""
-        from .solvers import SolveReport
+    def _newton_steps(self, index_lists, rtol=1e-8, maxiter=None, n_steps=1):
+        """``theta_{-S} - theta`` for each group, (n_groups, p): ``n_steps`` Newton steps
+        on the objective without the group, the first ``(A - H_S / n)^-1 g_S / n``.
 
-        a, solver, n = self.adapter_, self.solver_, self.n_train_
+        Each step's system (the remaining data's curvature at the current point) is
+        solved by conjugate gradients preconditioned by the fitted solver. The
+        gradient of the remaining objective at ``theta + d`` is taken as
+        ``-g_S / n`` plus its change since ``theta`` (so a model fitted to a loose
+        tolerance is treated as the minimiser, as in the first step).
+        """
+        import copy
+
+        from ._gradients import per_sample_grads
+
+        a, n = self.adapter_, self.n_train_
         op = _operator(self)
         B = self._gradient_sums(index_lists) / n
         maxiter = maxiter or max(50, min(a.n_params, 500))
-        steps, n_iter, worst = [], 0, 0.0
+        theta = a.flat_params()
+        X, Y = self.X_train_, self.y_train_
+
+        def grad_sum(adapter, Xs, Ys):
+            g = torch.zeros(a.n_params, dtype=a.dtype, device=a.device)
+            for s in _slices(Xs.shape[0], self.batch_size):
+                g += per_sample_grads(adapter, Xs[s], Ys[s]).sum(0)
+            return g
+
+        def damping(V):  # penalty and regularization: the same at every point
+            out = op.regularization * V
+            return out + a.penalty.mv(V) if not a.penalty.is_zero else out
+
+        steps, worst = [], 0.0
         for g, idx in enumerate(index_lists):
-            keep = np.setdiff1d(np.arange(n), idx)
-            rest = op.subset(keep)
-            scale = len(keep) / n
+            keep = torch.as_tensor(np.setdiff1d(np.arange(n), idx), device=X.device)
+            Xk, Yk = X[keep], Y[keep]
+            scale = keep.shape[0] / n
+            d = torch.zeros_like(theta)
+            rest_grad0 = None
+            for step in range(n_steps):
+                if step == 0:
+                    at, rhs = a, B[g : g + 1]
+                else:
+                    at = copy.copy(a)
+                    at.params = a.unflatten(theta + d)
+                    if rest_grad0 is None:
+                        rest_grad0 = grad_sum(a, Xk, Yk)
+                    resid = (grad_sum(at, Xk, Yk) - rest_grad0) / n + damping(d[None])[0] - B[g]
+                    rhs = -resid[None]
+                rest = _operator_like(at, Xk, Yk, op)
 
-            def mv(V, rest=rest, scale=scale):
-                out = rest.data_mv(V) * scale
-                if not a.penalty.is_zero:
-                    out = out + a.penalty.mv(V)
-                return out + op.regularization * V
+                def mv(V, rest=rest, scale=scale):
+                    return rest.data_mv(V) * scale + damping(V)
 
-            b = B[g : g + 1]
-            x = solver.solve(b, SolveReport())  # the first-order step starts the iteration
-            r = b - mv(x)
-            z = solver.solve(r, SolveReport())
-            p = z.clone()
-            rz = float((r * z).sum())
-            bnorm = float(b.norm()) or 1.0
-            res = float(r.norm()) / bnorm
-            it = 0
-            while res > rtol and it < maxiter:
-                Ap = mv(p)
-                pAp = float((p * Ap).sum())
-                if pAp <= 0:
-                    raise ValueError(
-                        "regularization: the curvature of the remaining training data is "
-                        f"not positive definite (removing group {g}); raise regularization "
-                        "for a Newton step."
-                    )
-                alpha = rz / pAp
-                x = x + alpha * p
-                r = r - alpha * Ap
-                res = float(r.norm()) / bnorm
-                it += 1
-                if res <= rtol:
-                    break
-                z = solver.solve(r, SolveReport())
-                rz_new = float((r * z).sum())
-                p = z + (rz_new / rz) * p
-                rz = rz_new
-            n_iter, worst = max(n_iter, it), max(worst, res)
-            steps.append(x[0])
-        self.removal_newton_iter_ = n_iter
+                x, _, res = self._pcg(mv, rhs, rtol, maxiter, g)
+                d = d + x[0]
+                worst = max(worst, res)
+            steps.append(d)
         if worst > rtol:
             warnings.warn(
                 f"The Newton step did not reach rtol={rtol:g} in {maxiter} iterations "
@@ -275,6 +286,44 @@ class RemovalEffects:
                 ConvergenceWarning, stacklevel=3,
             )
         return torch.stack(steps)
+
+    def _pcg(self, mv, b, rtol, maxiter, g):
+        """Conjugate gradients on ``mv`` for one right-hand side b (1, p), started at
+        the solver's own solution and preconditioned by it."""
+        from .solvers import SolveReport
+
+        solver = self.solver_
+        x = solver.solve(b, SolveReport()).to(b.dtype)
+        r = b - mv(x)
+        bnorm = float(b.norm()) or 1.0
+        res = float(r.norm()) / bnorm
+        if res <= rtol:
+            return x, 0, res
+        z = solver.solve(r, SolveReport()).to(b.dtype)
+        p = z.clone()
+        rz = float((r * z).sum())
+        it = 0
+        while it < maxiter:
+            Ap = mv(p)
+            pAp = float((p * Ap).sum())
+            if pAp <= 0:
+                raise ValueError(
+                    "regularization: the curvature of the remaining training data is not "
+                    f"positive definite (removing group {g}); raise regularization for a "
+                    "Newton step."
+                )
+            alpha = rz / pAp
+            x = x + alpha * p
+            r = r - alpha * Ap
+            res = float(r.norm()) / bnorm
+            it += 1
+            if res <= rtol:
+                break
+            z = solver.solve(r, SolveReport()).to(b.dtype)
+            rz_new = float((r * z).sum())
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        return x, it, res
 
     def _group_curvature_products(self, V, index_lists):
         """``H_S v_g`` (summed over the group's points) for each group's row of V."""
@@ -284,7 +333,8 @@ class RemovalEffects:
             rows.append(op.subset(idx).data_mv(V[g : g + 1])[0] * len(idx))
         return torch.stack(rows)
 
-    def _effects(self, X_test, y_test, index_lists, correction, rtol=1e-8, maxiter=None):
+    def _effects(self, X_test, y_test, index_lists, correction, rtol=1e-8, maxiter=None,
+                 newton_steps=1):
         """Predicted change of each test loss for each group: (n_test, n_groups) tensor."""
         from .solvers import SolveReport
 
@@ -293,7 +343,7 @@ class RemovalEffects:
         Xte, Yte = self._data(X_test, y_test, "X_test", "y_test", predicted_ok=True)
         with a.eval_mode():
             if correction == "newton":
-                D = self._newton_steps(index_lists, rtol=rtol, maxiter=maxiter)
+                D = self._newton_steps(index_lists, rtol=rtol, maxiter=maxiter, n_steps=newton_steps)
                 theta = a.flat_params()
                 base = _sample_losses(a, a.params, Xte, Yte, self.batch_size)
                 cols = []
@@ -376,7 +426,7 @@ class RemovalEffects:
     @_doc
     def predict_removal_effect(
         self, X_test, y_test=None, *, remove=None, groups=None, correction="none",
-        rtol=1e-8, maxiter=None,
+        newton_steps=1, rtol=1e-8, maxiter=None,
     ):
         """Predicted change of each test loss when training points are removed and the
         model refitted.
@@ -400,9 +450,12 @@ class RemovalEffects:
           ``d = (A - H_S / n)^-1 g_S / n``, solved by conjugate gradients on the
           remaining data's curvature preconditioned by the fitted solver, and the
           test loss evaluated at ``theta + d`` (not linearised). Cost: per group, a
-          few iterations (``removal_newton_iter_`` records the most), each a
-          curvature product over the remaining points and one solve. Exact for a
-          quadratic objective (Ridge, linear regression).
+          few iterations, each a curvature product over the remaining points and
+          one solve. Exact for a
+          quadratic objective (Ridge, linear regression). ``newton_steps > 1``
+          iterates, each further step with the gradient and curvature of the
+          remaining data at the current point: retraining by Newton's method, for
+          groups too large or too coherent for one step.
 
         Parameters
         ----------
@@ -419,6 +472,8 @@ class RemovalEffects:
             arrays. Pass either ``remove`` or ``groups``.
         correction : {"none", "second-order", "newton"}, default="none"
             How the change is computed (above).
+        newton_steps : int, default=1
+            Newton steps taken for ``correction="newton"``.
         rtol : float, default=1e-8
             Relative residual at which the Newton system's iteration stops.
         maxiter : int, default=None
@@ -463,11 +518,15 @@ class RemovalEffects:
             raise ValueError(f"rtol must be a positive float, got {rtol!r}.")
         if maxiter is not None and (not isinstance(maxiter, Integral) or maxiter < 1):
             raise ValueError(f"maxiter must be a positive int or None, got {maxiter!r}.")
+        if not isinstance(newton_steps, Integral) or newton_steps < 1:
+            raise ValueError(f"newton_steps must be a positive int, got {newton_steps!r}.")
         if remove is not None:
             index_lists = [_as_indices(remove, self.n_train_, "remove")]
         else:
             index_lists, _ = _as_index_lists(groups, self.n_train_, "groups")
-        out = self._numpy(self._effects(X_test, y_test, index_lists, correction, rtol, maxiter))
+        out = self._numpy(
+            self._effects(X_test, y_test, index_lists, correction, rtol, maxiter, newton_steps)
+        )
         return out[:, 0] if remove is not None else out
 
     # ------------------------------------------------------------------ leave one out

@@ -174,6 +174,29 @@ def test_newton_equals_a_dense_one_step_computation(which, request):
     assert np.abs(first - expected).max() > 1e-3 * np.abs(expected).max()
 
 
+def test_iterated_newton_steps_reach_the_refit(binary):
+    """Enough Newton steps are retraining: the refit's own minimiser, here by
+    Newton's method on sklearn's objective without the group, written out."""
+    model, X, y, Xt, yt = binary
+    remove = np.arange(0, 30)  # a quarter of the data
+    theta, _, objective = _logistic_objective(model, X, y)
+    keep = torch.ones(len(y), dtype=torch.bool)
+    keep[:30] = False
+    t = theta.clone()
+    for _ in range(30):
+        g = torch.autograd.functional.jacobian(lambda u: objective(u, keep), t)
+        t = t - torch.linalg.solve(torch.autograd.functional.hessian(lambda u: objective(u, keep), t), g)
+    expected = _test_losses(model, t.numpy(), Xt, yt) - _test_losses(model, theta.numpy(), Xt, yt)
+    s = direct(model, X, y)
+    one = s.predict_removal_effect(Xt, yt, remove=remove, correction="newton", rtol=1e-13)
+    many = s.predict_removal_effect(Xt, yt, remove=remove, correction="newton", newton_steps=8,
+                                    rtol=1e-13)
+    np.testing.assert_allclose(many, expected, rtol=0, atol=1e-9 * np.abs(expected).max())
+    assert np.abs(one - expected).max() > 1e-4 * np.abs(expected).max()
+    with pytest.raises(ValueError, match="newton_steps"):
+        s.predict_removal_effect(Xt, yt, remove=remove, correction="newton", newton_steps=0)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_newton_does_not_depend_on_the_method(name, binary):
     """The Newton system uses the exact remaining curvature; a method only
