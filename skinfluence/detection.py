@@ -51,7 +51,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 
 from ._adapters import LAST_LAYER
 from ._gradients import batch_slices
-from .scorers import DirectInfluenceScorer, InfluenceScorer
+from .scorers import DirectInfluenceScorer, InfluenceScorer, _named
 from .solvers import NotPositiveDefiniteError
 
 __all__ = ["STRATEGIES", "MislabelDetector", "default_scorer", "harm_votes"]
@@ -533,7 +533,13 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
     def _fit_clone(self, X, y, seed):
         model = clone(self.estimator)
         with _torch_seed(seed):
-            return model.fit(X, y)
+            try:
+                return model.fit(X, y)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(
+                    f"estimator: {type(model).__name__} could not be fitted on X of shape "
+                    f"{X.shape} ({exc})"
+                ) from exc
 
     def set_params(self, **params):
         """Set parameters; ``scorer__<name>`` also tunes the default scorer.
@@ -638,8 +644,10 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
 
     def _fit(self, X, y):
         self._validate_params()
-        X = validate_data(self, X, reset=True, allow_nd=True, dtype="numeric")
-        y = self._check_targets(y, X.shape[0])
+        with _named("X"):
+            X = validate_data(self, X, reset=True, allow_nd=True, dtype="numeric")
+        with _named("y"):
+            y = self._check_targets(y, X.shape[0])
         classes, y_idx = np.unique(y, return_inverse=True)
         self._check_config(y_idx, classes)
         rng = check_random_state(self.random_state)
@@ -703,7 +711,8 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
     # ------------------------------------------------------------------ refit model
     def _check_refit(self, X):
         check_is_fitted(self, "estimator_")
-        return validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
+        with _named("X"):
+            return validate_data(self, X, reset=False, allow_nd=True, dtype="numeric")
 
     @available_if(_refit_has("predict"))
     def predict(self, X):

@@ -11,6 +11,7 @@ fitted attributes follow from that declaration.
 
 from __future__ import annotations
 
+import contextlib
 import textwrap
 import warnings
 from numbers import Integral, Real
@@ -69,8 +70,10 @@ sklearn linear models the model's own L2 penalty is already included, so 0
 gives the Hessian of the model's objective."""),
         Param("mode", "up", [StrOptions({"up", "perturbation"})], '{"up", "perturbation"}', """"up": influence of upweighting (removing) a training point. "perturbation":
 its derivative with respect to the training point's features."""),
-        Param("hessian", "exact", [StrOptions({"exact", "gauss-newton"})], '{"exact", "gauss-newton"}', """The curvature: the Hessian, or the generalized Gauss-Newton matrix (positive
-semi-definite, useful for non-convex networks)."""),
+        Param("hessian", "exact", [StrOptions({"exact", "gauss-newton", "empirical-fisher"})], '{"exact", "gauss-newton", "empirical-fisher"}', """The curvature: the Hessian, the generalized Gauss-Newton matrix (positive
+semi-definite, useful for non-convex networks), or the empirical Fisher, the
+mean of the outer products of the per-sample gradients at the given labels
+(positive semi-definite; it equals neither away from a perfect fit)."""),
         Param("batch_size", 256, [Interval(Integral, 1, None, closed="left")], "int",
               "Samples per step of every computation; bounds peak memory."),
         Param("dtype", None, "no_validation", '{None, "float32", "float64"}',
@@ -186,7 +189,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
     def _check_X(self, X, name):
         X = _as_array(X)
         _check_feature_names(self, X, reset=False)
-        X = check_array(X, allow_nd=True, dtype="numeric", input_name=name)
+        with _named(name):
+            X = check_array(X, allow_nd=True, dtype="numeric", input_name=name)
         if hasattr(self, "x_shape_") and tuple(X.shape[1:]) != self.x_shape_:
             shape, fitted = tuple(X.shape[1:]), self.x_shape_
             if X.ndim == 2 and len(fitted) == 1:
@@ -207,7 +211,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         y = _as_array(y)
         if np.ndim(y) == 0:
             raise ValueError(f"{name} is a scalar; pass one target per sample of {xname}.")
-        y = check_array(y, ensure_2d=False, dtype=None, input_name=name, ensure_all_finite=True)
+        with _named(name):
+            y = check_array(y, ensure_2d=False, dtype=None, input_name=name, ensure_all_finite=True)
         if y.shape[0] != n:
             raise ValueError(
                 f"{name} has {y.shape[0]} samples but {xname} has {n}; pass one target "
@@ -267,7 +272,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         """
         self._reset()
         resolve_dtype(getattr(self, "dtype", None))
-        X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
+        with _named("X"):
+            X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
         fitted_names = {"n_features_in_": self.n_features_in_}
         if hasattr(self, "feature_names_in_"):
             fitted_names["feature_names_in_"] = self.feature_names_in_
@@ -598,6 +604,18 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             V = (self.solver_.solve(G) / n).to(theta.dtype)
             res.append(vmap(shifted)(X[s], V))
         return torch.cat(res)
+
+
+@contextlib.contextmanager
+def _named(name: str):
+    """Prefix sklearn's validation messages with the argument they are about."""
+    try:
+        yield
+    except ValueError as exc:
+        message = str(exc)
+        if message.startswith(f"{name}:") or f"Input {name} " in message:
+            raise
+        raise ValueError(f"{name}: {message}") from exc
 
 
 def _as_array(a):
