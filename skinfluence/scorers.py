@@ -271,13 +271,17 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             The fitted scorer.
         """
         self._reset()
+        try:
+            self._fit(X, y)
+        except BaseException:
+            self._reset()  # a failed fit leaves nothing fitted, not even n_features_in_
+            raise
+        return self
+
+    def _fit(self, X, y):
         resolve_dtype(getattr(self, "dtype", None))
         with _named("X"):
             X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
-        fitted_names = {"n_features_in_": self.n_features_in_}
-        if hasattr(self, "feature_names_in_"):
-            fitted_names["feature_names_in_"] = self.feature_names_in_
-        self._reset()  # nothing is fitted until the solver is
         y = self._check_y(y, X.shape[0], "y", "X")
         solver = self._solver()
         kw = {"loss": getattr(self, "loss", None), "dtype": getattr(self, "dtype", None),
@@ -297,8 +301,6 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         with adapter.eval_mode():
             _check_differentiable(adapter, Xt, Yt)
             solver.fit(operator, progress=_progress(self.progress), mode=self.mode)
-        for k, v in fitted_names.items():
-            setattr(self, k, v)
         self.adapter_ = adapter
         self.solver_ = solver
         self.X_train_, self.y_train_ = Xt, Yt
@@ -308,7 +310,6 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         if adapter.target_kind in (CLASS_INDEX, BINARY):
             self.classes_ = adapter.classes
         self._last_call = _LastCall()
-        return self
 
     # ------------------------------------------------------------------ core
     def _grads(self, X, Y):
