@@ -393,10 +393,19 @@ class ModelAdapter:
         if self.penalty_factory is not None:
             self.penalty = self.penalty_factory(self, n_train).to(self.dtype, self.device)
 
+    @property
+    def takes_indices(self) -> bool:
+        """Whether the model looks inputs up (an ``nn.Embedding``): integer inputs
+        then stay integers."""
+        return any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in self.module.modules())
+
     def features(self, X: np.ndarray) -> torch.Tensor:
         # a copy: the scorer must not see later edits of the caller's array, and
         # read-only inputs (pandas) need no special care
-        return torch.tensor(np.ascontiguousarray(X), dtype=self.dtype, device=self.device)
+        X = np.ascontiguousarray(X)
+        if X.dtype.kind in "iub" and self.takes_indices:
+            return torch.tensor(X, dtype=torch.int64, device=self.device)
+        return torch.tensor(X, dtype=self.dtype, device=self.device)
 
     def targets(self, y: np.ndarray, name: str = "y") -> torch.Tensor:
         """Convert labels to what the loss takes, refusing labels the model never saw."""

@@ -270,3 +270,54 @@ def test_arnoldi_returns_rank_pairs_on_a_kronecker_spectrum():
     s = ArnoldiInfluenceScorer(model, loss=F.mse_loss, rank=200, regularization=0.1,
                                random_state=0).fit(X, Y)
     assert s.eigenvalues_.shape == (200,)
+
+
+def test_models_that_look_up_integer_inputs():
+    """Token ids stay integers for a model with an nn.Embedding; Direct and CG agree."""
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.out(self.emb(ids).mean(-2))
+
+    torch.manual_seed(0)
+    model = Bag().double()
+    ids = np.random.default_rng(0).integers(0, 12, size=(40, 5))
+    y = (ids[:, 0] > 5).astype(np.int64)
+    kw = {"loss": F.cross_entropy, "regularization": 0.5}
+    I = DirectInfluenceScorer(model, **kw).fit(ids, y).influences(ids[:3], y[:3])
+    J = CgInfluenceScorer(model, rtol=1e-12, **kw).fit(ids, y).influences(ids[:3], y[:3])
+    np.testing.assert_allclose(I, J, rtol=1e-8, atol=1e-12)
+
+
+def test_models_torch_func_cannot_differentiate_per_sample():
+    class Returns(nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+            self.lin = nn.Linear(4, 2)
+            self.rnn = nn.LSTM(4, 2, batch_first=True)
+
+        def forward(self, x):
+            if self.kind == "dict":
+                return {"logits": self.lin(x)}
+            return self.rnn(x[:, None, :])[0][:, -1]
+
+    X = np.random.default_rng(0).normal(size=(20, 4))
+    y = np.arange(20) % 2
+    with pytest.raises(ValueError, match="estimator: the model returns a dict"):
+        DirectInfluenceScorer(Returns("dict").double(), loss=F.cross_entropy).fit(X, y)
+    with pytest.raises(ValueError, match="estimator: the per-sample gradients"):
+        CgInfluenceScorer(Returns("lstm").double(), loss=F.cross_entropy).fit(X, y)
+
+
+def test_an_empty_list_of_layers():
+    from skinfluence import EkfacInfluenceScorer
+
+    X = np.random.default_rng(0).normal(size=(20, 4))
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    with pytest.raises(ValueError, match="layers: an empty list selects no layer"):
+        EkfacInfluenceScorer(model, loss=F.cross_entropy, layers=[]).fit(X, np.arange(20) % 2)

@@ -203,6 +203,11 @@ def select_layers(module: nn.Module, param_names, layers=None) -> tuple[list[str
             )
     else:
         wanted = [layers] if isinstance(layers, str) else list(layers)
+        if not wanted:
+            raise ValueError(
+                "layers: an empty list selects no layer; pass module names, or None for "
+                "every layer holding a selected parameter."
+            )
         names = []
         for w in wanted:
             if not isinstance(w, str):
