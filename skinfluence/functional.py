@@ -11,9 +11,10 @@ scorers. What changes when migrating:
   batches as before;
 * results are numpy arrays; :func:`compute_influence_factors` returns
   ``InverseHvpResult(x, info)`` as before, with the fitted scorer in ``info``;
-* ``inversion_method`` names a scorer: ``"direct"``, ``"cg"``, ``"lissa"``,
-  ``"arnoldi"``, ``"nystroem"`` or ``"ekfac"``; further keyword arguments go to that
-  scorer (for example ``rank=`` or ``maxiter=``);
+* ``inversion_method`` names a method of the registry, a key of
+  :data:`INVERSION_METHODS` (``"direct"``, ``"cg"``, ``"lissa"``, ``"arnoldi"``,
+  ``"nystroem"``, ``"ekfac"``, ``"gradient_similarity"``, in any case); further
+  keyword arguments go to its scorer (for example ``rank=`` or ``maxiter=``);
 * the regularization is ``hessian_regularization`` everywhere (the factor
   function's old ``hessian_perturbation`` is the same number).
 
@@ -172,8 +173,9 @@ def compute_influence_factors(
         The data the model was trained on; defines H.
     test_data : (X, y) pair or DataLoader
         The points whose factors are computed.
-    inversion_method : {"direct", "cg", "lissa", "arnoldi", "nystroem", "ekfac"}
-        How ``(H + lambda I)^-1`` is applied; the matching scorer does the work.
+    inversion_method : str, default="direct"
+        A key of ``INVERSION_METHODS``: how ``(H + lambda I)^-1`` is applied; the
+        matching scorer does the work.
     hessian_regularization : float, default=0.0
         lambda, the scorer's ``regularization``.
     loss : callable, default=None
@@ -398,8 +400,9 @@ def compute_influences(
         Points whose loss is influenced; None uses ``training_data``.
     input_data : (X, y) pair or DataLoader, default=None
         Points whose influence is computed; None uses ``training_data``.
-    inversion_method : {"direct", "cg", "lissa", "arnoldi", "nystroem", "ekfac"}
-        How ``(H + lambda I)^-1`` is applied; the matching scorer does the work.
+    inversion_method : str, default="direct"
+        A key of ``INVERSION_METHODS``: how ``(H + lambda I)^-1`` is applied; the
+        matching scorer does the work.
     influence_type : {"up", "perturbation"}, default="up"
         Up-weighting influence, or its derivative with respect to the features of
         the input point.
