@@ -275,7 +275,8 @@ class RemovalEffects:
                 def mv(V, rest=rest, scale=scale):
                     return rest.data_mv(V) * scale + damping(V)
 
-                x, _, res = self._pcg(mv, rhs, rtol, maxiter, g)
+                # every step to the accuracy asked of the whole, ||B_g|| rtol
+                x, _, res = self._pcg(mv, rhs, rtol, maxiter, g, float(B[g].norm()))
                 d = d + x[0]
                 worst = max(worst, res)
             steps.append(d)
@@ -287,15 +288,16 @@ class RemovalEffects:
             )
         return torch.stack(steps)
 
-    def _pcg(self, mv, b, rtol, maxiter, g):
+    def _pcg(self, mv, b, rtol, maxiter, g, scale):
         """Conjugate gradients on ``mv`` for one right-hand side b (1, p), started at
-        the solver's own solution and preconditioned by it."""
+        the solver's own solution and preconditioned by it, until the residual is
+        below ``rtol * scale``."""
         from .solvers import SolveReport
 
         solver = self.solver_
         x = solver.solve(b, SolveReport()).to(b.dtype)
         r = b - mv(x)
-        bnorm = float(b.norm()) or 1.0
+        bnorm = scale or 1.0
         res = float(r.norm()) / bnorm
         if res <= rtol:
             return x, 0, res
