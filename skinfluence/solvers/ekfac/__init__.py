@@ -4,6 +4,6 @@ solver (``_solver``)."""
 
 from ._fisher import FISHERS
 from ._layers import select_layers
-from ._solver import EkfacSolver
+from ._solver import EkfacSolver, kronecker_preconditioner
 
-__all__ = ["FISHERS", "EkfacSolver", "select_layers"]
+__all__ = ["FISHERS", "EkfacSolver", "kronecker_preconditioner", "select_layers"]
