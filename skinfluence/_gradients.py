@@ -6,8 +6,10 @@ in parameter space are flat, laid out as ``ModelAdapter.flatten`` does, and batc
 of vectors are stacked on the first dimension: ``V`` has shape (k, p).
 
 * ``per_sample_grads``: gradient of each sample's loss, (b, p).
-* ``curvature_mv``: products ``V @ C`` with C the Hessian ("exact") or the generalized
-  Gauss-Newton matrix ("gauss-newton") of the loss summed over the batch.
+* ``curvature_mv``: products ``V @ C`` with C the Hessian ("exact"), the generalized
+  Gauss-Newton matrix ("gauss-newton") or the empirical Fisher ("empirical-fisher",
+  the sum of the per-sample gradients' outer products) of the loss summed over the
+  batch.
 * ``mixed_projection``: for perturbation mode, the derivative with respect to each
   input ``x_j`` of ``F @ grad_theta l(x_j, y_j)``, (b, m, *x_shape).
 * ``gradient_products``: factors against a block of points' gradients ("up") or
@@ -56,7 +58,16 @@ def _outputs(adapter: ModelAdapter, X):
 def curvature_mv(
     adapter: ModelAdapter, X: torch.Tensor, Y: torch.Tensor, V: torch.Tensor, curvature: str
 ) -> torch.Tensor:
-    """``V @ C_batch`` for the loss SUMMED over the batch; V has shape (k, p)."""
+    """``V @ C_batch`` for the loss SUMMED over the batch; V has shape (k, p).
+
+    For "empirical-fisher", ``C_batch = G^T G`` with G the batch's per-sample
+    gradients (b, p), applied as ``(V G^T) G`` without forming it: positive
+    semi-definite, and equal to the Gauss-Newton matrix in expectation only where
+    the labels are drawn from the model's own predictive distribution.
+    """
+    if curvature == "empirical-fisher":
+        G = per_sample_grads(adapter, X, Y).to(V.dtype)
+        return (V @ G.T) @ G
     theta = adapter.flat_params()
     if curvature == "exact":
         g = grad(_summed_loss(adapter, X, Y))

@@ -4,7 +4,8 @@ Two paths: a structured exact Hessian for models whose selected parameters are
 ``nn.Linear`` layers that each run once (per-sample Jacobians of the layers' output
 gradients and inputs with respect to each layer's output, contracted in BLAS), and
 otherwise symmetric block rows of forward-over-reverse products (exact Hessian) or
-Gauss-Newton products with blocks of basis vectors. Only the Direct method forms the
+Gauss-Newton products with blocks of basis vectors; the empirical Fisher is the sum of
+the outer products of per-sample gradients, one batch at a time. Only the Direct method forms the
 p x p matrix.
 """
 
@@ -15,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 from .._adapters import ModelAdapter
-from .._gradients import batch_slices, curvature_mv
+from .._gradients import batch_slices, curvature_mv, per_sample_grads
 from .._modules import hooked, parameter_owners, shares_parameters
 
 __all__ = ["dense_curvature"]
@@ -40,6 +41,13 @@ def dense_curvature(
     """
     p, n = adapter.n_params, X.shape[0]
     H = torch.zeros(p, p, dtype=adapter.dtype, device=adapter.device)
+    if curvature == "empirical-fisher":
+        # the mean outer product of per-sample gradients, one batch of them at a time
+        steps = list(batch_slices(n, batch_size))
+        for s in steps if progress is None else progress(steps, desc="empirical Fisher"):
+            G = per_sample_grads(adapter, X[s], Y[s])
+            H += G.T @ G
+        return H / n
     if curvature == "exact":
         plan = _linear_plan(adapter, X)
         if plan is not None:
