@@ -66,8 +66,9 @@ class CurvatureOperator:
         The fitted model as a function of its parameters.
     X, Y : torch.Tensor
         Training inputs and targets, as the adapter converted them.
-    curvature : {"exact", "gauss-newton"}
-        C is the Hessian or the Gauss-Newton matrix of the mean training loss.
+    curvature : {"exact", "gauss-newton", "empirical-fisher"}
+        C is the Hessian, the Gauss-Newton matrix or the empirical Fisher (mean of
+        the per-sample gradients' outer products) of the mean training loss.
     regularization : float
         lambda.
     batch_size : int
@@ -261,6 +262,16 @@ class SolveReport:
 
     Kept apart from the fitted solver, which solving never changes.
 
+    ``progress`` asks for one progress bar for the whole call, shared by the solves
+    of all its blocks (:meth:`progress_bar`, :meth:`step`): it counts iterations
+    (there is no total, since the number an iteration needs is not known in
+    advance) and shows the block being solved, how many of its right-hand sides are
+    left and the largest residual against the tolerance. ``True`` shows it where
+    stderr is a terminal and stays quiet elsewhere (logs, CI); ``"always"`` shows it
+    everywhere. The solver that opened it closes it (:meth:`close`) in its
+    ``convergence_warning``, which a scorer asks once at the end of every call, or
+    when a solve fails.
+
     Examples
     --------
     >>> import numpy as np
@@ -271,11 +282,52 @@ class SolveReport:
     (5, [1e-06, 1e-07, 0.001], False)
     """
 
-    progress: bool = False
+    progress: bool | str = False
     n_iter: int = 0
     n_products: int = 0
     _residuals: list = field(default_factory=list)
     _converged: list = field(default_factory=list)
+    _bar: object = field(default=None, repr=False, compare=False)
+    _blocks: int = field(default=0, repr=False, compare=False)
+
+    def progress_bar(self, desc: str):
+        """Start the solve of a new block on the call's bar (opened by the first
+        block); None when ``progress`` is off."""
+        if not self.progress:
+            return None
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            # disable=None: tqdm stays quiet when stderr is not a terminal
+            disable = False if self.progress == "always" else None
+            self._bar = tqdm(desc=desc, unit="it", leave=False, disable=disable)
+        self._blocks += 1
+        return self._bar
+
+    def step(self, largest: float, tolerance: float, left: int, of: int, what: str = "residual") -> None:
+        """One iteration of the current block: its largest ``what`` (a relative
+        residual or update) against ``tolerance``, with ``left`` of ``of``
+        right-hand sides still iterating."""
+        bar = self._bar
+        if bar is None:
+            return
+        bar.set_postfix_str(
+            f"block {self._blocks}: {left}/{of} left, largest {what} {largest:.1e} "
+            f"{'>' if left else '<='} {tolerance:.0e}",
+            refresh=False,
+        )
+        bar.update(1)
+
+    def close(self) -> None:
+        """Close the bar; the report keeps its figures."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_bar"] = None
+        return state
 
     def add(self, n_iter: int, residuals: np.ndarray, converged: np.ndarray, n_products: int = 0):
         self.n_iter = max(self.n_iter, int(n_iter))

@@ -22,7 +22,16 @@ Preconditioners (applied to the residual block):
   from per-sample Jacobians one batch at a time (one backward pass per output), plus
   the diagonal of the estimator's penalty and ``lambda``. For ``hessian="exact"`` this
   is the Gauss-Newton part of the Hessian's diagonal; it is always positive, so the
-  preconditioner stays symmetric positive definite.
+  preconditioner stays symmetric positive definite. For the empirical Fisher it is
+  that matrix's own diagonal, the mean of the squared per-sample gradients.
+* ``"ekfac"`` / ``"kfac"``: the inverse of the EK-FAC (K-FAC) approximation of the
+  Gauss-Newton matrix plus ``lambda I``, block diagonal over the model's
+  ``nn.Linear`` / ``nn.Conv2d`` layers and applied in each layer's Kronecker
+  eigenbasis (a few small matrix products per layer); symmetric positive definite
+  for ``lambda > 0``. It narrows the spectrum where the curvature is far from
+  ``lambda I``; where the regularization already dominates it (eigenvalues of A in a
+  range of 2-3), block CG with many right-hand sides converges in a few iterations
+  and there is little left to gain (``benchmarks/results/preconditioned.md``).
 """
 
 from __future__ import annotations
@@ -36,18 +45,24 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from torch.func import hessian, jacrev, vmap
 
-from .._gradients import batch_slices
+from .._gradients import batch_slices, per_sample_grads
 from .._linalg import not_positive_definite, nystroem_sketch
 from ._base import Attribute, CurvatureOperator, Param, Solver, SolveReport, random_state_param
+from .ekfac import kronecker_preconditioner
 
 __all__ = ["CgSolver"]
 
 
 def gauss_newton_diagonal(operator: CurvatureOperator) -> torch.Tensor:
-    """Exact diagonal of the Gauss-Newton matrix of the mean loss, float64 (p,)."""
+    """Exact diagonal of the Gauss-Newton matrix of the mean loss (of the empirical
+    Fisher, for that curvature) plus the estimator's penalty, float64 (p,)."""
     a = operator.adapter
     n = operator.n_train
     diag = torch.zeros(a.n_params, dtype=torch.float64, device=a.device)
+    if operator.curvature == "empirical-fisher":
+        for s in batch_slices(n, operator.batch_size):
+            diag += (per_sample_grads(a, operator.X[s], operator.Y[s]) ** 2).sum(0).to(torch.float64)
+        return _with_penalty(diag / n, a.penalty)
     outputs = vmap(a.sample_output, in_dims=(None, 0))
     jacobians = vmap(jacrev(a.sample_output), in_dims=(None, 0))
     out_hessians = vmap(hessian(lambda o, y: a.output_loss(o, y.unsqueeze(0))))
@@ -63,8 +78,10 @@ def gauss_newton_diagonal(operator: CurvatureOperator) -> torch.Tensor:
         J = torch.cat([J[name].reshape(b, k, -1) for name in a.param_names], 2)  # (b, k, p)
         S = out_hessians(out, Y).reshape(b, k, k)
         diag += (J * torch.einsum("bij,bjp->bip", S, J)).sum((0, 1)).to(torch.float64)
-    diag /= n
-    pen = a.penalty
+    return _with_penalty(diag / n, a.penalty)
+
+
+def _with_penalty(diag: torch.Tensor, pen) -> torch.Tensor:
     if pen.diag is not None:
         diag += pen.diag.to(torch.float64)
     for c, u in pen.rank_one:
@@ -115,12 +132,19 @@ class CgSolver(Solver):
         Param("maxiter", None, [None, Interval(Integral, 1, None, closed="left")], "int",
               """Most block iterations per solve; None allows ``n_params``, the number exact
 arithmetic would need at most."""),
-        Param("preconditioner", None, [None, StrOptions({"nystroem", "jacobi"})],
-              '{None, "nystroem", "jacobi"}',
+        Param("preconditioner", None, [None, StrOptions({"nystroem", "jacobi", "ekfac", "kfac"})],
+              '{None, "nystroem", "jacobi", "ekfac", "kfac"}',
               """"nystroem": a randomized Nystroem sketch of rank ``rank`` removes the largest
 eigenvalues from the spectrum (Frangella, Tropp & Udell 2023). "jacobi": the
 inverse of the exact Gauss-Newton diagonal (the Gauss-Newton part of the
-Hessian's diagonal for ``hessian="exact"``), from per-sample output Jacobians."""),
+Hessian's diagonal for ``hessian="exact"``), from per-sample output Jacobians;
+for ``hessian="empirical-fisher"`` the empirical Fisher's own diagonal.
+"ekfac": the inverse of the EK-FAC approximation of the Gauss-Newton matrix
+plus regularization (as :class:`EkfacInfluenceScorer` builds it, block diagonal
+over the ``nn.Linear`` / ``nn.Conv2d`` layers, which must hold every selected
+parameter); "kfac": the same without the refitted eigenvalues (one pass over
+the data). Both need ``regularization > 0``, which keeps them positive
+definite; for ``hessian="exact"`` they approximate its Gauss-Newton part."""),
         Param("rank", 10, [Interval(Integral, 1, None, closed="left")], "int",
               "Rank of the Nystroem preconditioner."),
         "batch_size", "dtype", "device", "progress",
@@ -208,6 +232,8 @@ the most recent call that solved systems.""", when="solve"),
                     0.0, float(d.max()),
                 )
             self.preconditioner_ = ("jacobi", d.to(operator.dtype))
+        elif self.preconditioner in ("ekfac", "kfac"):
+            self.preconditioner_ = ("kronecker", kronecker_preconditioner(operator, self.preconditioner, progress))
         return self
 
     def _precondition(self, R: torch.Tensor) -> torch.Tensor:
@@ -216,6 +242,8 @@ the most recent call that solved systems.""", when="solve"),
             return R
         if pre[0] == "jacobi":
             return R / pre[1]
+        if pre[0] == "kronecker":
+            return pre[1].solve(R)
         _, U, factor = pre
         return R + ((R @ U.T) * factor) @ U
 
@@ -240,10 +268,9 @@ the most recent call that solved systems.""", when="solve"),
         n_iter, n_products = 0, 0
         P = _unit_rows(self._precondition(R))
         bar = None
-        if report is not None and report.progress and active.numel():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=maxiter, desc="conjugate gradients", leave=False)
+        if report is not None and active.numel():
+            bar = report.progress_bar("conjugate gradients")
+        k = int(active.numel())
         try:
             while active.numel() and n_iter < maxiter:
                 Q = self._mv(P)
@@ -265,20 +292,21 @@ the most recent call that solved systems.""", when="solve"),
                 X[active] += alpha.T @ P
                 R = R - alpha.T @ Q
                 n_iter += 1
-                if bar is not None:
-                    bar.update(1)
                 res = R.to(torch.float64).norm(dim=1)
                 residuals[active] = res
                 left = res > tol[active]
+                if bar is not None:
+                    report.step(float(res.max()), self.rtol, int(left.sum()), k)
                 if not bool(left.any()):
                     active = active[:0]
                     break
                 active, R = active[left], R[left]
                 Z = self._precondition(R)
                 P = _unit_rows(Z - (Q @ Z.T).T @ P)
-        finally:
-            if bar is not None:
-                bar.close()
+        except BaseException:
+            if report is not None:
+                report.close()
+            raise
         X = X.to(torch.float64) * safe[:, None]
         if report is not None:
             converged = residuals <= tol
@@ -289,6 +317,7 @@ the most recent call that solved systems.""", when="solve"),
         return self.maxiter if self.maxiter is not None else self.operator_.n_params
 
     def convergence_warning(self, report: SolveReport) -> str | None:
+        report.close()  # the end of the call: its progress bar is done
         converged = report.converged
         if converged.all():
             return None
