@@ -59,7 +59,7 @@ def main():
     parser.add_argument("--fast", action="store_true", help="small version, for tests")
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
-    n_train, n_test, n_rep = (300, 60, 1) if args.fast else (1000, 300, 6)
+    n_train, n_test, n_rep = (300, 60, 1) if args.fast else (600, 200, 3)
     sizes = [0.20] if args.fast else [0.01, 0.05, 0.10, 0.20]
     start = time.perf_counter()
 

@@ -23,6 +23,7 @@ FIGURES = {
     ],
     "plot_tuning_gridsearch.py": ["tuning_grid.png"],
     "plot_trust_digits.py": ["trust_digits.png"],
+    "plot_removal_effects.py": ["removal_source.png", "removal_by_size.png"],
 }
 
 
