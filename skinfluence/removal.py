@@ -253,13 +253,14 @@ class RemovalEffects:
             out = op.regularization * V
             return out + a.penalty.mv(V) if not a.penalty.is_zero else out
 
-        steps, worst = [], 0.0
+        steps, worst, diverged = [], 0.0, False
         for g, idx in enumerate(index_lists):
             keep = torch.as_tensor(np.setdiff1d(np.arange(n), idx), device=X.device)
             Xk, Yk = X[keep], Y[keep]
             scale = keep.shape[0] / n
             d = torch.zeros_like(theta)
             rest_grad0 = None
+            last = float(B[g].norm())
             for step in range(n_steps):
                 if step == 0:
                     at, rhs = a, B[g : g + 1]
@@ -270,6 +271,10 @@ class RemovalEffects:
                         rest_grad0 = grad_sum(a, Xk, Yk)
                     resid = (grad_sum(at, Xk, Yk) - rest_grad0) / n + damping(d[None])[0] - B[g]
                     rhs = -resid[None]
+                    now = float(resid.norm())
+                    # an increase above the accuracy asked for, not rounding at the end
+                    diverged |= now > last and now > 10 * rtol * float(B[g].norm())
+                    last = now
                 rest = _operator_like(at, Xk, Yk, op)
 
                 def mv(V, rest=rest, scale=scale):
@@ -284,6 +289,13 @@ class RemovalEffects:
             warnings.warn(
                 f"The Newton step did not reach rtol={rtol:g} in {maxiter} iterations "
                 f"(relative residual {worst:.2g}); the effects are less accurate.",
+                ConvergenceWarning, stacklevel=3,
+            )
+        if diverged:
+            warnings.warn(
+                f"newton_steps={n_steps}: a Newton step raised the gradient of the "
+                "objective without the group instead of lowering it (a non-convex "
+                "model, or a curvature that is not the objective's); use newton_steps=1.",
                 ConvergenceWarning, stacklevel=3,
             )
         return torch.stack(steps)
@@ -475,7 +487,9 @@ class RemovalEffects:
         correction : {"none", "second-order", "newton"}, default="none"
             How the change is computed (above).
         newton_steps : int, default=1
-            Newton steps taken for ``correction="newton"``.
+            Newton steps taken for ``correction="newton"``. More than one is meant
+            for convex models; a step that raises the gradient of the objective
+            without the group is warned about.
         rtol : float, default=1e-8
             Relative residual at which the Newton system's iteration stops.
         maxiter : int, default=None
@@ -490,7 +504,8 @@ class RemovalEffects:
         Warns
         -----
         ConvergenceWarning
-            When the Newton system does not reach ``rtol``.
+            When the Newton system does not reach ``rtol``, or iterated Newton
+            steps move away from the minimiser.
 
         Examples
         --------
