@@ -713,8 +713,11 @@ class FastIF(BaseEstimator):
         parts = []
         steps = list(batch_slices(int(Xte.shape[0]), int(self.batch_size)))
         with sc.adapter_.eval_mode():
+            # all test factors in the scorer's batches: a solve per call costs the same
+            # for one right-hand side as for a batch (a triangular solve for Direct)
+            F_all = sc._factors(Xte, Yte, report)
             for s in _iterate(_progress(sc.progress), steps, "FastIF"):
-                F = sc._factors(Xte[s], Yte[s], report)
+                F = F_all[s]
                 pool, pos = torch.unique(cand[s], return_inverse=True)
                 tile = torch.cat([
                     pairwise_tile(sc.solver_, F, Xtr[pool[b]], Ytr[pool[b]]).detach().to("cpu")
