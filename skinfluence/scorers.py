@@ -322,6 +322,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
     def _publish(self, report: SolveReport) -> None:
         """Keep the diagnostics of this call (per-call, not fitted state) and warn
         once for the whole call when some solve did not converge."""
+        report.close()  # the call's one progress bar, if any
         if report.empty:
             return
         self._last_call.report = report
