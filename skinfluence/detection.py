@@ -116,22 +116,28 @@ def harm_votes(scorer: InfluenceScorer, X_out, y_out) -> np.ndarray:
     return votes / max(n_out, 1)
 
 
-def _loo_fold(scorer, held, X, y, classes):
-    return scorer.class_probabilities(leave_one_out=True, classes=classes)
+def _loo_probabilities(scorer, classes, correction):
+    if correction == "none":
+        return scorer.class_probabilities(leave_one_out=True, classes=classes)
+    return scorer.leave_one_out_probabilities(correction=correction, classes=classes)
 
 
-def _self_fold(scorer, held, X, y, classes):
+def _loo_fold(scorer, held, X, y, classes, correction="none"):
+    return _loo_probabilities(scorer, classes, correction)
+
+
+def _self_fold(scorer, held, X, y, classes, correction="none"):
     return scorer.self_influence()
 
 
-def _crossfit_fold(scorer, held, X, y, classes):
+def _crossfit_fold(scorer, held, X, y, classes, correction="none"):
     return (
         scorer.class_probabilities(X[held], classes=classes),
-        scorer.class_probabilities(leave_one_out=True, classes=classes),
+        _loo_probabilities(scorer, classes, correction),
     )
 
 
-def _harm_fold(scorer, held, X, y, classes):
+def _harm_fold(scorer, held, X, y, classes, correction="none"):
     return harm_votes(scorer, X[held], y[held])
 
 
@@ -359,6 +365,13 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
         own ``random_state`` is None. None leaves all of them random.
     progress : bool, default=False
         Show a tqdm progress bar over the fitted models.
+    loo_correction : {"none", "newton"}, default="none"
+        The leave-one-out probabilities of "crossfit" and "loo": "none" takes the
+        first-order step; "newton" a Newton step with the curvature of the data
+        without the point (see ``leave_one_out_probabilities`` of the scorers). On
+        the digits panel (logistic regression, 10% flipped labels) it raised the
+        leave-one-out AUROC from 0.991 to 0.997; on breast cancer it changed
+        nothing (``benchmarks/results/removal.md``).
 
     Attributes
     ----------
@@ -424,6 +437,7 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
         "prefit": ["boolean"],
         "random_state": ["random_state"],
         "progress": ["boolean"],
+        "loo_correction": [StrOptions({"none", "newton"})],
     }
 
     def __init__(
@@ -439,6 +453,7 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
         prefit=False,
         random_state=None,
         progress=False,
+        loo_correction="none",
     ):
         self.estimator = estimator
         self.scorer = scorer
@@ -450,6 +465,7 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
         self.prefit = prefit
         self.random_state = random_state
         self.progress = progress
+        self.loo_correction = loo_correction
 
     # ------------------------------------------------------------------ sklearn
     def __sklearn_clone__(self):
@@ -597,14 +613,17 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
         if not crossfitted:
             model = self.estimator if self.prefit else self._fit_clone(X, y, seed())
             everything, nothing = np.arange(n), np.arange(0)
-            res = self._scored(model, X, y, seed(), lambda sc: per_fit(sc, nothing, X, y, classes))
+            res = self._scored(
+                model, X, y, seed(),
+                lambda sc: per_fit(sc, nothing, X, y, classes, self.loo_correction),
+            )
             return combine([(everything, nothing, res)], n, k)
         fits = []
         for train, held in _iterate(self.progress, self._splits(X, y, rng), "folds"):
             model = self._fit_clone(X[train], y[train], seed())
             res = self._scored(
                 model, X[train], y[train], seed(),
-                lambda sc, held=held: per_fit(sc, held, X, y, classes),
+                lambda sc, held=held: per_fit(sc, held, X, y, classes, self.loo_correction),
             )
             fits.append((train, held, res))
         return combine(fits, n, k)

@@ -532,3 +532,20 @@ def test_metric_errors():
     with pytest.raises(ValueError, match="boolean mask"):
         flagged_precision_recall([0.5, 1], [True, False])
     assert flagged_precision_recall([True, False], [False, False]) == (0.0, 0.0)
+
+
+def test_newton_corrected_leave_one_out(cancer_small):
+    """loo_correction='newton' takes the scorer's Newton-corrected leave-one-out
+    probabilities, which for logistic regression are closer to actual refits."""
+    X, y, flipped = cancer_small
+    kw = {"strategy": "loo", "contamination": 0.1}
+    first = MislabelDetector(logreg(), **kw).fit(X, y)
+    newton = MislabelDetector(logreg(), loo_correction="newton", **kw).fit(X, y)
+    assert not np.allclose(first.proba_, newton.proba_)
+    model = logreg().fit(X, y)
+    from skinfluence.detection import default_scorer
+
+    sc = default_scorer().set_params(estimator=model).fit(X, y)
+    np.testing.assert_allclose(newton.proba_, sc.leave_one_out_probabilities(correction="newton"),
+                               rtol=1e-6, atol=1e-9)
+    assert roc_auc_score(flipped, newton.scores_) > 0.9
