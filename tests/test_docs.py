@@ -136,7 +136,7 @@ def test_mkdocs_build_strict(tmp_path):
     assert "DirectInfluenceScorer" in api and "Examples" in api
     # value sets render as written, not parsed as code ("gauss-newton" as gauss - newton)
     assert "gauss - newton" not in api
-    assert "<code>{&#34;exact&#34;, &#34;gauss-newton&#34;}</code>" in api
+    assert "<code>{&#34;exact&#34;, &#34;gauss-newton&#34;, &#34;empirical-fisher&#34;}</code>" in api
     assert not (tmp_path / "site" / "hooks").exists()  # the build's own code stays out
 
 
