@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import small_mlp_data
 from sklearn.base import clone
 from sklearn.datasets import load_breast_cancer
 from sklearn.exceptions import ConvergenceWarning, NotFittedError
@@ -44,18 +45,7 @@ def mlp_data():
     Softmax is invariant to shifting all logits, so the curvature has exact null
     directions (last-layer bias and weight shifts) that carry no gradient.
     """
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(90, 4))
-    y = ((X[:, 0] + X[:, 1] ** 2 > 1).astype(np.int64) + (X[:, 2] > 0.5)).astype(np.int64)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    Xt, yt = torch.tensor(X), torch.tensor(y)
-    for _ in range(300):
-        opt.zero_grad()
-        F.cross_entropy(model(Xt), yt).backward()
-        opt.step()
-    return model, X[:N_TRAIN], y[:N_TRAIN], X[N_TRAIN:], y[N_TRAIN:]
+    return small_mlp_data()
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import small_mlp_data
 from torch import nn
 
 from skinfluence import (
@@ -34,18 +35,7 @@ REG = 0.1
 @pytest.fixture(scope="module")
 def mlp_data():
     """A trained 4-6-3 tanh MLP (51 parameters), float64, 3 classes."""
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(90, 4))
-    y = ((X[:, 0] + X[:, 1] ** 2 > 1).astype(np.int64) + (X[:, 2] > 0.5)).astype(np.int64)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    Xt, yt = torch.tensor(X), torch.tensor(y)
-    for _ in range(300):
-        opt.zero_grad()
-        F.cross_entropy(model(Xt), yt).backward()
-        opt.step()
-    return model, X[:70], y[:70], X[70:], y[70:]
+    return small_mlp_data()
 
 
 @pytest.fixture(scope="module")
