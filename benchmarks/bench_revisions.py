@@ -92,10 +92,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--other", required=True, help="root of the other checkout")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--this", default=None, help="root of the checkout to compare (default: this one)")
     args = ap.parse_args()
     other_res, other_t = run(Path(args.other).resolve(), args.repeats)
-    this_res, this_t = run(HERE.parent, args.repeats)
-    print(f"other: {args.other}\nthis:  {HERE.parent}\n")
+    this_res, this_t = run(Path(args.this).resolve() if args.this else HERE.parent, args.repeats)
+    print(f"other: {args.other}\nthis:  {args.this or HERE.parent}\n")
     print("| result | max relative difference | this, s | other, s | ratio |")
     print("|---|---|---|---|---|")
     for key in this_res:
