@@ -26,6 +26,7 @@ gradients preconditioned with the fitted solver.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from numbers import Integral
 
@@ -34,6 +35,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 from torch.func import grad, hessian, jacrev, vmap
+
+from ._gradients import batch_slices
 
 __all__ = ["RemovalEffects"]
 
@@ -112,32 +115,10 @@ def _as_indices(idx, n: int, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------- helpers
 
 
-def _operator(scorer):
-    from .solvers import CurvatureOperator
-
-    curvature = getattr(scorer.solver_, "curvature", None) or getattr(scorer, "hessian", "exact")
-    return CurvatureOperator(
-        scorer.adapter_, scorer.X_train_, scorer.y_train_, curvature,
-        float(getattr(scorer, "regularization", 0.0)), int(scorer.batch_size),
-    )
-
-
-def _operator_like(adapter, X, Y, op):
-    """``op``'s settings over other points, or at other parameters (a shifted adapter)."""
-    from .solvers import CurvatureOperator
-
-    return CurvatureOperator(adapter, X, Y, op.curvature, op.regularization, op.batch_size)
-
-
 def _sample_losses(adapter, params, X, Y, batch_size):
     f = vmap(adapter.sample_loss, in_dims=(None, 0, 0))
-    out = [f(params, X[s], Y[s]) for s in _slices(X.shape[0], batch_size)]
+    out = [f(params, X[s], Y[s]) for s in batch_slices(X.shape[0], batch_size)]
     return torch.cat(out) if out else X.new_zeros(0)
-
-
-def _slices(n, b):
-    for start in range(0, n, b):
-        yield slice(start, min(start + b, n))
 
 
 def _check_correction(correction):
@@ -167,13 +148,6 @@ class RemovalEffects:
                 "mode='up'."
             )
 
-    def _test_factors(self, Xte, Yte, report):
-        solver = self.solver_
-        out = [solver.factors(Xte[s], Yte[s], report) for s in _slices(Xte.shape[0], self.batch_size)]
-        if not out:
-            return torch.zeros(0, self.n_params_, dtype=self.adapter_.dtype, device=self.adapter_.device)
-        return torch.cat(out)
-
     def _group_sums(self, F, index_lists):
         """``sum_{j in group} F . grad l_j`` for each group: (k, n_groups), batched over
         the training data so that no k x n_train matrix is held."""
@@ -192,7 +166,7 @@ class RemovalEffects:
                 M[torch.as_tensor(idx, device=device), g] = 1.0
         else:
             member_t = torch.as_tensor(member, device=device)
-        for s in _slices(n, self.batch_size):
+        for s in batch_slices(n, self.batch_size):
             if overlap:
                 Mb = M[s]
                 keep = Mb.any(1)
@@ -217,7 +191,7 @@ class RemovalEffects:
         for idx in index_lists:
             t = torch.as_tensor(idx, device=self.X_train_.device)
             g = torch.zeros(a.n_params, dtype=a.dtype, device=a.device)
-            for s in _slices(len(idx), self.batch_size):
+            for s in batch_slices(len(idx), self.batch_size):
                 g += per_sample_grads(a, self.X_train_[t[s]], self.y_train_[t[s]]).sum(0)
             out.append(g)
         return torch.stack(out)
@@ -237,7 +211,7 @@ class RemovalEffects:
         from ._gradients import per_sample_grads
 
         a, n = self.adapter_, self.n_train_
-        op = _operator(self)
+        op = self.operator_
         B = self._gradient_sums(index_lists) / n
         maxiter = maxiter or max(50, min(a.n_params, 500))
         theta = a.flat_params()
@@ -245,7 +219,7 @@ class RemovalEffects:
 
         def grad_sum(adapter, Xs, Ys):
             g = torch.zeros(a.n_params, dtype=a.dtype, device=a.device)
-            for s in _slices(Xs.shape[0], self.batch_size):
+            for s in batch_slices(Xs.shape[0], self.batch_size):
                 g += per_sample_grads(adapter, Xs[s], Ys[s]).sum(0)
             return g
 
@@ -272,7 +246,7 @@ class RemovalEffects:
                     resid = (grad_sum(at, Xk, Yk) - rest_grad0) / n + damping(d[None])[0] - B[g]
                     rhs = -resid[None]
                     last = float(resid.norm())
-                rest = _operator_like(at, Xk, Yk, op)
+                rest = dataclasses.replace(op, adapter=at, X=Xk, Y=Yk)
 
                 def mv(V, rest=rest, scale=scale):
                     return rest.data_mv(V) * scale + damping(V)
@@ -342,7 +316,7 @@ class RemovalEffects:
 
     def _group_curvature_products(self, V, index_lists):
         """``H_S v_g`` (summed over the group's points) for each group's row of V."""
-        op = _operator(self)
+        op = self.operator_
         rows = []
         for g, idx in enumerate(index_lists):
             rows.append(op.subset(idx).data_mv(V[g : g + 1])[0] * len(idx))
@@ -369,7 +343,7 @@ class RemovalEffects:
                     return Xte.new_zeros(Xte.shape[0], 0)
                 return torch.stack(cols, 1)
             report = SolveReport(progress=getattr(self, "progress", False))
-            F = self._test_factors(Xte, Yte, report)
+            F = self._factors(Xte, Yte, report)
             out = self._group_sums(F, index_lists) / n
             if correction == "second-order":
                 V = self.solver_.solve(self._gradient_sums(index_lists), SolveReport())
@@ -433,7 +407,7 @@ class RemovalEffects:
         Xte, Yte = self._data(X_test, y_test, "X_test", "y_test", predicted_ok=True)
         report = SolveReport(progress=getattr(self, "progress", False))
         with self.adapter_.eval_mode():
-            F = self._test_factors(Xte, Yte, report)
+            F = self._factors(Xte, Yte, report)
             G = self._group_sums(F, index_lists)
         self._publish(report)
         return self._numpy(G)
@@ -551,8 +525,6 @@ class RemovalEffects:
     def _loo_newton_parts(self):
         """Per training point j: its output o_j, the output shift of the refit without
         it (first order and Newton), for the whole training set."""
-        from ._gradients import batch_slices
-
         a, solver, n = self.adapter_, self.solver_, self.n_train_
         X, Y = self.X_train_, self.y_train_
         outputs = vmap(a.sample_output, in_dims=(None, 0))

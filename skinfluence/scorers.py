@@ -89,6 +89,9 @@ _COMMON_ATTRIBUTES = """
         The fitted model seen as a function of its parameters.
     solver_ : object
         The fitted curvature solver.
+    operator_ : CurvatureOperator
+        The curvature the solver was fitted on (training data, curvature,
+        regularization, batch size).
     n_train_ : int
         Number of training points given to ``fit``.
     n_features_in_ : int
@@ -303,6 +306,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             solver.fit(operator, progress=_progress(self.progress), mode=self.mode)
         self.adapter_ = adapter
         self.solver_ = solver
+        self.operator_ = operator
         self.X_train_, self.y_train_ = Xt, Yt
         self.x_shape_ = tuple(X.shape[1:])
         self.n_train_ = int(X.shape[0])
