@@ -226,11 +226,17 @@ def test_distributed_cluster_of_two_processes(data, fitted):
     """Two worker processes on localhost: the solver is broadcast to both once, and
     the tiles and self-influence equal the in-memory ones."""
     distributed = pytest.importorskip("distributed")
+    import dask
+
     _, _, _, Xte, yte = data
     s = fitted[NAMES[0]]
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    # The active memory manager drops replicas no waiting task needs, every two
+    # seconds; off here, so the broadcast can be seen after the computation.
+    with dask.config.set({"distributed.scheduler.active-memory-manager.start": False}), \
+            distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
+        client.wait_for_workers(2, timeout=60)
         I = s.influences_tiles(Xte, yte, chunks=(10, 20), client=client)
         v = s.self_influence_tiles(chunks=20, client=client)
         got, self_got = client.compute([I, v], sync=True)
