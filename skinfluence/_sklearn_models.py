@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_array, check_is_fitted
 from torch import nn
 
 from ._adapters import (
@@ -390,19 +390,26 @@ class _PipelineAdapter(ModelAdapter):
 
     def features(self, X, *args, **kwargs) -> torch.Tensor:
         with warnings.catch_warnings():
-            # the scorers pass X on as an array; steps fitted on a DataFrame warn
+            # X may be an array where the steps were fitted on a DataFrame
             warnings.filterwarnings("ignore", message="X does not have valid feature names")
             try:
                 Z = self.transformer.transform(X)
             except Exception as exc:
                 raise ValueError(
                     f"X: the Pipeline's steps before its model could not transform X "
-                    f"({type(exc).__name__}: {exc}). X reaches them as a numeric array, "
-                    "so steps that select DataFrame columns by name do not work here."
+                    f"({type(exc).__name__}: {exc}). Pass X as the Pipeline was fitted "
+                    "on (the same DataFrame columns, or the same array layout)."
                 ) from exc
         if hasattr(Z, "toarray"):  # a sparse matrix
             Z = Z.toarray()
-        return super().features(np.asarray(Z, dtype=np.float64), *args, **kwargs)
+        try:
+            Z = check_array(Z, dtype=np.float64, allow_nd=True, input_name="X")
+        except ValueError as exc:
+            raise ValueError(
+                f"X: the output of the Pipeline's steps before its model is not a finite "
+                f"numeric array ({exc})."
+            ) from exc
+        return super().features(Z, *args, **kwargs)
 
 
 def _from_pipeline(pipe, loss, params, dtype, device) -> ModelAdapter:

@@ -24,6 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import (
     _check_feature_names,
+    _num_samples,
     check_array,
     check_is_fitted,
     validate_data,
@@ -191,6 +192,10 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
 
     def _check_X(self, X, name):
         X = _as_array(X)
+        if _reads_raw_inputs(self.estimator):  # a Pipeline's own steps read X as given
+            with _named(name):
+                X = validate_data(self, X, reset=False, skip_check_array=True)
+            return X
         _check_feature_names(self, X, reset=False)
         with _named(name):
             X = check_array(X, allow_nd=True, dtype="numeric", input_name=name)
@@ -284,8 +289,14 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
     def _fit(self, X, y):
         resolve_dtype(getattr(self, "dtype", None))
         with _named("X"):
-            X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
-        y = self._check_y(y, X.shape[0], "y", "X")
+            if _reads_raw_inputs(self.estimator):
+                # the Pipeline's steps take X as given: a DataFrame keeps its columns
+                # (selected by name, of any dtype); the steps' output is checked instead
+                X = validate_data(self, _as_array(X), reset=True, skip_check_array=True)
+                _num_samples(X)
+            else:
+                X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
+        y = self._check_y(y, _num_samples(X), "y", "X")
         solver = self._solver()
         kw = {"loss": getattr(self, "loss", None), "dtype": getattr(self, "dtype", None),
               "device": getattr(self, "device", None)}
@@ -308,8 +319,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         self.solver_ = solver
         self.operator_ = operator
         self.X_train_, self.y_train_ = Xt, Yt
-        self.x_shape_ = tuple(X.shape[1:])
-        self.n_train_ = int(X.shape[0])
+        self.x_shape_ = tuple(np.shape(X)[1:])
+        self.n_train_ = int(Xt.shape[0])
         self.n_params_ = adapter.n_params
         if adapter.target_kind in (CLASS_INDEX, BINARY):
             self.classes_ = adapter.classes
@@ -622,6 +633,15 @@ def _named(name: str):
         if message.startswith(f"{name}:") or f"Input {name} " in message:
             raise
         raise ValueError(f"{name}: {message}") from exc
+
+
+def _reads_raw_inputs(estimator) -> bool:
+    """Whether X goes to the estimator as given: a Pipeline's first steps transform
+    it (a ColumnTransformer selects DataFrame columns by name, encoders take strings),
+    so it is not converted to a numeric array first."""
+    from sklearn.pipeline import Pipeline
+
+    return isinstance(estimator, Pipeline)
 
 
 def _as_array(a):

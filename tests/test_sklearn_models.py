@@ -358,3 +358,35 @@ def test_nested_pipeline_applies_every_step(iris):
     np.testing.assert_allclose(
         nested.transform(Xte, yte), plain.transform(outer[0].transform(Xte), yte), rtol=1e-10
     )
+
+
+def test_pipeline_selects_dataframe_columns_by_name_and_encodes_strings():
+    """A ColumnTransformer picking columns by name, a OneHotEncoder on strings: the
+    scorer hands X to the Pipeline as given and equals the model on the transformed
+    features; the frame is not changed, and its columns are checked at each call."""
+    pd = pytest.importorskip("pandas")
+    from sklearn.compose import ColumnTransformer
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(3)
+    n = 150
+    df = pd.DataFrame({
+        "age": rng.normal(40, 10, n), "income": rng.normal(5, 2, n),
+        "city": rng.choice(["north", "south", "east"], n), "notes": ["free text"] * n,
+    })
+    y = ((df.age - 40) / 10 + (df.city == "south") + rng.normal(0, 0.5, n) > 0.5).astype(int).to_numpy()
+    columns = ColumnTransformer([("num", StandardScaler(), ["age", "income"]), ("cat", OneHotEncoder(), ["city"])])
+    pipe = make_pipeline(columns, LogisticRegression(tol=1e-12, max_iter=10_000)).fit(df, y)
+    before = df.copy()
+    for mode in ("up", "perturbation"):
+        piped = DirectInfluenceScorer(pipe, regularization=0.0, mode=mode).fit(df, y)
+        Z = pipe[:-1].transform(df)
+        plain = DirectInfluenceScorer(pipe[-1], regularization=0.0, mode=mode).fit(Z, y)
+        np.testing.assert_allclose(piped.influences(df.iloc[:7], y[:7]), plain.influences(Z[:7], y[:7]), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(piped.self_influence(), plain.self_influence(), rtol=1e-10, atol=1e-12)
+    assert list(piped.feature_names_in_) == ["age", "income", "city", "notes"] and piped.n_features_in_ == 4
+    pd.testing.assert_frame_equal(df, before)
+    with pytest.raises(ValueError, match="feature names"):
+        piped.influences(df[["income", "age", "city", "notes"]].iloc[:3], y[:3])
+    with pytest.raises(ValueError, match=r"^X: the Pipeline's steps before its model could not transform X"):
+        piped.self_influence(df.drop(columns="city").assign(city=1.5, x=0)[["age", "income", "city", "notes"]], y)
