@@ -27,6 +27,7 @@ from sklearn.utils import Bunch
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from ._data import Rows
 from ._gradients import batch_slices, per_sample_grads
 from .solvers import pairwise_tile
 
@@ -166,7 +167,12 @@ class _Placer:
 
     def blocks(self, what: str, X, Y, size: int):
         slices = list(batch_slices(int(X.shape[0]), size))
-        data = [(X[s], Y[s]) for s in slices]
+        if isinstance(X, Rows):  # rows read batch by batch: each task reads its own
+            data = [(X.take(np.arange(s.start, s.stop)),
+                     Y.take(np.arange(s.start, s.stop)) if isinstance(Y, Rows) else Y[s])
+                    for s in slices]
+        else:
+            data = [(X[s], Y[s]) for s in slices]
         if self.client is not None:
             return slices, self.client.scatter(data, hash=False)
         delayed = self.dask.delayed
@@ -574,8 +580,10 @@ class FastIF(BaseEstimator):
         adapter = self.scorer.adapter_
         bs = int(self.scorer.batch_size)
         parts = []
-        if self.embedding is None:
-            return X.reshape(X.shape[0], -1).detach().to("cpu").numpy()
+        if self.embedding is None:  # the inputs themselves, read batch by batch
+            for s in batch_slices(int(X.shape[0]), bs):
+                parts.append(X[s].reshape(len(X[s]), -1).detach().to("cpu").numpy())
+            return np.concatenate(parts) if parts else np.zeros((0, 0))
         if callable(self.embedding):
             for s in batch_slices(int(X.shape[0]), bs):
                 with torch.no_grad():

@@ -32,6 +32,7 @@ from sklearn.utils.validation import (
 from torch.func import grad, jvp, vmap
 
 from ._adapters import BINARY, CLASS_INDEX, build_adapter, resolve_dtype
+from ._data import DatasetSource, Rows, _Reader, is_out_of_core, source_of
 from ._gradients import batch_slices, per_sample_grads
 from .large import LargeData
 from .removal import RemovalEffects
@@ -238,6 +239,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             if y is not None:
                 raise ValueError(f"{yname} was given without {xname}; pass both or neither.")
             return self.X_train_, self.y_train_
+        if is_out_of_core(X):
+            return self._rows(self.adapter_, X, y, xname, yname)
         X = self._check_X(X, xname)
         if y is None and not predicted_ok:
             raise ValueError(
@@ -269,9 +272,15 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_train, n_features) or (n_train, ...)
-            The data the model was trained on.
+            The data the model was trained on. A numpy ``memmap``, a dask array or
+            a torch ``Dataset`` (of ``(x, y)`` items, or a :class:`DatasetSource`
+            with its own ``collate``) is read ``batch_size`` rows at a time by every
+            method and never held whole: the scorer keeps a reference to it (it
+            must stay readable while the scorer is used; pickling the scorer stores
+            a memmap's file name, not its contents).
         y : array-like of shape (n_train,) or (n_train, n_targets)
-            Its targets (class labels for classifiers).
+            Its targets (class labels for classifiers); None for a ``Dataset``,
+            whose items carry them.
 
         Returns
         -------
@@ -286,8 +295,42 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             raise
         return self
 
+    def _rows(self, adapter, X, y, xname, yname):
+        """Out-of-core (X, y) as lazily read rows: a memmap, dask array or torch
+        Dataset is converted batch by batch, never whole."""
+        source = source_of(X)
+        n = len(source)
+        dataset = isinstance(source, DatasetSource)
+        if dataset and y is not None:
+            raise ValueError(
+                f"{yname}: a torch Dataset carries its own targets; pass {yname}=None "
+                "(or a DatasetSource whose collate returns them)."
+            )
+        if not dataset:
+            if hasattr(y, "compute"):  # a dask array of targets: n values, small
+                y = y.compute()
+            y = self._check_y(y, n, yname, xname)
+
+        Y = None if dataset else adapter.targets(y, yname)
+        reader = _Reader(source, adapter, Y, xname, yname)
+        first = reader.batch(np.arange(min(n, 1)))
+        if n == 0 or first[0].shape[0] == 0:
+            raise ValueError(f"{xname} has no samples; pass at least one.")
+        row_shape = tuple(first[0].shape[1:])
+        if hasattr(self, "x_shape_") and row_shape != self.x_shape_:
+            raise ValueError(
+                f"{xname} has samples of shape {row_shape}, but {type(self).__name__} "
+                f"was fitted on samples of shape {self.x_shape_}."
+            )
+        Xr = Rows(reader, 0, n, row_shape, first[0].device, first[0].dtype)
+        if Y is None:
+            Y = Rows(reader, 1, n, tuple(first[1].shape[1:]), first[1].device, first[1].dtype)
+        return Xr, Y
+
     def _fit(self, X, y):
         resolve_dtype(getattr(self, "dtype", None))
+        if is_out_of_core(X):
+            return self._fit_data(None, None, X, y)
         with _named("X"):
             if _reads_raw_inputs(self.estimator):
                 # the Pipeline's steps take X as given: a DataFrame keeps its columns
@@ -297,6 +340,10 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             else:
                 X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
         y = self._check_y(y, _num_samples(X), "y", "X")
+        self._fit_data(X, y)
+
+    def _fit_data(self, X, y, lazy_X=None, lazy_y=None):
+        """Fit on validated arrays (X, y), or on out-of-core ``lazy_X``."""
         solver = self._solver()
         kw = {"loss": getattr(self, "loss", None), "dtype": getattr(self, "dtype", None),
               "device": getattr(self, "device", None)}
@@ -304,9 +351,19 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         names = solver.select_parameters(adapter.module, adapter.param_names)
         if names != adapter.param_names:  # parameters the method leaves out are held fixed
             adapter = build_adapter(self.estimator, params=names, **kw)
-        Xt = adapter.features(X)
-        adapter.bind(Xt, X.shape[0])
-        Yt = adapter.targets(y, "y")
+        if lazy_X is None:
+            Xt = adapter.features(X)
+            adapter.bind(Xt, int(Xt.shape[0]))  # before the targets: it learns the outputs
+            Yt = adapter.targets(y, "y")
+            x_shape = tuple(np.shape(X)[1:])
+        else:
+            source = source_of(lazy_X)
+            if len(source) == 0:
+                raise ValueError("X has no samples; pass at least one.")
+            adapter.bind(adapter.features(_as_array(source.read(np.arange(1))[0])), len(source))
+            Xt, Yt = self._rows(adapter, lazy_X, lazy_y, "X", "y")
+            x_shape = tuple(Xt.shape[1:])
+            self.n_features_in_ = int(x_shape[0]) if x_shape else 1
         curvature = solver.curvature or self.hessian
         operator = CurvatureOperator(
             adapter, Xt, Yt, curvature, float(getattr(self, "regularization", 0.0)),
@@ -319,7 +376,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         self.solver_ = solver
         self.operator_ = operator
         self.X_train_, self.y_train_ = Xt, Yt
-        self.x_shape_ = tuple(np.shape(X)[1:])
+        self.x_shape_ = x_shape
         self.n_train_ = int(Xt.shape[0])
         self.n_params_ = adapter.n_params
         if adapter.target_kind in (CLASS_INDEX, BINARY):

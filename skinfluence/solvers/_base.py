@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .._adapters import ModelAdapter
+from .._data import Rows
 from .._gradients import batch_slices, curvature_mv, gradient_products, per_sample_grads
 from .._linalg import NotPositiveDefiniteError
 
@@ -158,10 +159,14 @@ class CurvatureOperator:
 
     def subset(self, idx) -> CurvatureOperator:
         """The same operator over the training points ``idx`` only (a minibatch)."""
-        idx = torch.as_tensor(idx, device=self.X.device)
+        if isinstance(self.X, Rows):  # rows read batch by batch: a view, nothing read
+            X = self.X.take(idx)
+            Y = self.Y.take(idx) if isinstance(self.Y, Rows) else self.Y[torch.as_tensor(idx, device=self.Y.device)]
+        else:
+            idx = torch.as_tensor(idx, device=self.X.device)
+            X, Y = self.X[idx], self.Y[idx]
         return CurvatureOperator(
-            self.adapter, self.X[idx], self.Y[idx], self.curvature, self.regularization,
-            self.batch_size,
+            self.adapter, X, Y, self.curvature, self.regularization, self.batch_size,
         )
 
 
