@@ -1,8 +1,9 @@
 """The solver contract: what every curvature method offers the scorers.
 
 A solver approximates ``A = C + P + lambda I`` (C the Hessian or Gauss-Newton matrix
-of the mean training loss, P the estimator's own penalty, lambda the
-regularization), given as a :class:`CurvatureOperator`. Its operations:
+of the mean training loss, weighted by the operator's sample weights when it has
+them; P the estimator's own penalty, lambda the regularization), given as a
+:class:`CurvatureOperator`. Its operations:
 
 * ``fit(operator)`` builds the approximation;
 * ``solve(G)`` applies ``A^-1`` to a block of flat gradients ``G`` (k, p);
