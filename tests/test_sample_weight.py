@@ -393,3 +393,19 @@ def test_counterfactual_scores_refuse_weighted_scorers(cancer_data):
     scorer = skinfluence.DirectInfluenceScorer(model).fit(Xtr, ytr, sample_weight=np.ones(60))
     with pytest.raises(ValueError, match="sample_weight"):
         influence_score(scorer, Xte, yte, counterfactuals=cf)
+
+
+@pytest.mark.parametrize("name", ["direct", "cg", "ekfac"])
+def test_float32_weights(name, data, counts):
+    """Weights in the model's own float32 precision: same as repeated rows, to it."""
+    import copy
+
+    model, Xtr, ytr, Xte, yte = data
+    w, rows = counts
+    model32 = copy.deepcopy(model).float()
+    kw = {"dtype": None, "rtol": 1e-6} if name == "cg" else {"dtype": None}
+    weighted = make(name, model32, **kw).fit(Xtr.astype(np.float32), ytr, sample_weight=w)
+    repeated = make(name, model32, **kw).fit(Xtr[rows].astype(np.float32), ytr[rows])
+    a = weighted.self_influence(Xte.astype(np.float32), yte)
+    assert a.dtype == np.float32
+    assert rel(a, repeated.self_influence(Xte.astype(np.float32), yte)) < 1e-4

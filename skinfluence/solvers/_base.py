@@ -111,7 +111,7 @@ class CurvatureOperator:
     @property
     def weight_sum(self) -> float:
         """The total weight of the training points (their number, unweighted)."""
-        return float(self.n_train) if self.weights is None else float(self.weights.sum())
+        return float(self.n_train) if self.weights is None else float(self.weights.sum(dtype=torch.float64))
 
     def batch_weights(self, s) -> torch.Tensor | None:
         """The weights of the training points ``s`` (a slice or indices), or None."""

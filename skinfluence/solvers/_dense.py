@@ -43,7 +43,7 @@ def dense_curvature(
     other tensors held constant, and the rest filled in by symmetry.
     """
     p, n = adapter.n_params, X.shape[0]
-    total = float(n) if weights is None else float(weights.sum())
+    total = float(n) if weights is None else float(weights.sum(dtype=torch.float64))
 
     def w(s):
         return None if weights is None else weights[s]
@@ -205,7 +205,7 @@ def _linear_hessian(adapter, X, Y, plan, batch_size, progress, weights=None):
     start = {n: offsets[i] for i, n in enumerate(names)}
     size = dict(zip(names, adapter.sizes, strict=True))
     p, n = adapter.n_params, X.shape[0]
-    total = float(n) if weights is None else float(weights.sum())
+    total = float(n) if weights is None else float(weights.sum(dtype=torch.float64))
     H = torch.zeros(p, p, dtype=adapter.dtype, device=adapter.device)
 
     def put(r, c, block):

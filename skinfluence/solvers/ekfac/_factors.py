@@ -98,7 +98,7 @@ class Passes:
     @property
     def total_weight(self) -> float:
         """The training points' total weight (their number, unweighted)."""
-        total = float(self.X.shape[0]) if self.weights is None else float(self.weights.sum())
+        total = float(self.X.shape[0]) if self.weights is None else float(self.weights.sum(dtype=torch.float64))
         return total if total > 0 else 1.0
 
     def _compute(self, s):
