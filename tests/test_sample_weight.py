@@ -409,3 +409,27 @@ def test_float32_weights(name, data, counts):
     a = weighted.self_influence(Xte.astype(np.float32), yte)
     assert a.dtype == np.float32
     assert rel(a, repeated.self_influence(Xte.astype(np.float32), yte)) < 1e-4
+
+
+def test_pipeline_on_a_dataframe_takes_weights():
+    """A Pipeline fitted on a DataFrame with weights routed to its model: the scorer
+    given the frame and the weights equals the one on the transformed features."""
+    pd = pytest.importorskip("pandas")
+    from sklearn.compose import ColumnTransformer
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import OneHotEncoder
+
+    rng = np.random.default_rng(4)
+    n = 120
+    df = pd.DataFrame({"age": rng.normal(40, 10, n), "city": rng.choice(["north", "south"], n)})
+    y = ((df.age - 40) / 10 + (df.city == "south") + rng.normal(0, 0.5, n) > 0.5).astype(int).to_numpy()
+    w = pd.Series(rng.uniform(0.5, 2.0, n))
+    columns = ColumnTransformer([("num", StandardScaler(), ["age"]), ("cat", OneHotEncoder(), ["city"])])
+    pipe = make_pipeline(columns, LogisticRegression(tol=1e-12, max_iter=10_000))
+    pipe.fit(df, y, logisticregression__sample_weight=w.to_numpy())
+    piped = skinfluence.DirectInfluenceScorer(pipe, regularization=0.0).fit(df, y, sample_weight=w)
+    Z = pipe[:-1].transform(df)
+    plain = skinfluence.DirectInfluenceScorer(pipe[-1], regularization=0.0).fit(Z, y, sample_weight=w.to_numpy())
+    np.testing.assert_allclose(piped.self_removal_effect("none"), plain.self_removal_effect("none"), rtol=1e-10)
+    with pytest.raises(ValueError, match="sample_weight"):
+        skinfluence.DirectInfluenceScorer(pipe).fit(df, y, sample_weight=w.to_numpy()[:-1])
