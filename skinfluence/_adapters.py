@@ -358,8 +358,12 @@ class ModelAdapter:
                 m.training = mode
 
     # ----------------------------------------------------------- data
-    def bind(self, X: torch.Tensor, n_train: int) -> None:
-        """Learn what only data can tell (output width) and build the penalty."""
+    def bind(self, X: torch.Tensor, n_train: int, weight_sum: float | None = None) -> None:
+        """Learn what only data can tell (output width) and build the penalty.
+
+        The penalty is put on the scale of the mean training loss over ``n_train``
+        points, or of the weighted mean when the points carry sample weights summing
+        to ``weight_sum``."""
         with self.eval_mode():
             try:
                 out = self.outputs(X[:1])
@@ -391,7 +395,7 @@ class ModelAdapter:
         if self.target_kind == CLASS_INDEX and self.classes is None:
             self.classes = np.arange(self.n_outputs)
         if self.penalty_factory is not None:
-            self.penalty = self.penalty_factory(self, n_train).to(self.dtype, self.device)
+            self.penalty = self.penalty_factory(self, n_train, weight_sum).to(self.dtype, self.device)
 
     @property
     def takes_indices(self) -> bool:

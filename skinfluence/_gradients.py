@@ -9,7 +9,7 @@ of vectors are stacked on the first dimension: ``V`` has shape (k, p).
 * ``curvature_mv``: products ``V @ C`` with C the Hessian ("exact"), the generalized
   Gauss-Newton matrix ("gauss-newton") or the empirical Fisher ("empirical-fisher",
   the sum of the per-sample gradients' outer products) of the loss summed over the
-  batch.
+  batch, each sample's loss multiplied by its weight when weights are given.
 * ``mixed_projection``: for perturbation mode, the derivative with respect to each
   input ``x_j`` of ``F @ grad_theta l(x_j, y_j)``, (b, m, *x_shape).
 * ``gradient_products``: factors against a block of points' gradients ("up") or
@@ -40,10 +40,10 @@ def per_sample_grads(adapter: ModelAdapter, X: torch.Tensor, Y: torch.Tensor) ->
     return adapter.flatten(g, batched=True)
 
 
-def _summed_loss(adapter: ModelAdapter, X, Y):
+def _summed_loss(adapter: ModelAdapter, X, Y, weights=None):
     def f(flat):
         losses = vmap(adapter.sample_loss, in_dims=(None, 0, 0))(adapter.unflatten(flat), X, Y)
-        return losses.sum()
+        return losses.sum() if weights is None else (weights.to(losses.dtype) * losses).sum()
 
     return f
 
@@ -56,21 +56,33 @@ def _outputs(adapter: ModelAdapter, X):
 
 
 def curvature_mv(
-    adapter: ModelAdapter, X: torch.Tensor, Y: torch.Tensor, V: torch.Tensor, curvature: str
+    adapter: ModelAdapter,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    V: torch.Tensor,
+    curvature: str,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``V @ C_batch`` for the loss SUMMED over the batch; V has shape (k, p).
 
-    For "empirical-fisher", ``C_batch = G^T G`` with G the batch's per-sample
-    gradients (b, p), applied as ``(V G^T) G`` without forming it: positive
-    semi-definite, and equal to the Gauss-Newton matrix in expectation only where
-    the labels are drawn from the model's own predictive distribution.
+    ``weights`` (b,) multiply each sample's loss, so ``C_batch`` is the curvature of
+    ``sum_i w_i l_i``; None weighs every sample 1.
+
+    For "empirical-fisher", ``C_batch = G^T W G`` with G the batch's per-sample
+    gradients (b, p) and W the diagonal of the weights, applied as ``(V G^T) W G``
+    without forming it: positive semi-definite, and equal to the Gauss-Newton matrix
+    in expectation only where the labels are drawn from the model's own predictive
+    distribution.
     """
     if curvature == "empirical-fisher":
         G = per_sample_grads(adapter, X, Y).to(V.dtype)
-        return (V @ G.T) @ G
+        VG = V @ G.T
+        if weights is not None:
+            VG = VG * weights.to(V.dtype)
+        return VG @ G
     theta = adapter.flat_params()
     if curvature == "exact":
-        g = grad(_summed_loss(adapter, X, Y))
+        g = grad(_summed_loss(adapter, X, Y, weights))
         return vmap(lambda v: jvp(g, (theta,), (v,))[1])(V)
     outputs = _outputs(adapter, X)
     out, vjp_fn = vjp(outputs, theta)  # out: (b, 1, ...)
@@ -79,6 +91,8 @@ def curvature_mv(
     H_out = vmap(hessian(lambda o, y: adapter.output_loss(o, y.unsqueeze(0))))(out, Y)
     d = out_shape.numel()
     H_out = H_out.reshape(out.shape[0], d, d)
+    if weights is not None:
+        H_out = H_out * weights.to(H_out.dtype)[:, None, None]
     Jv = vmap(lambda v: jvp(outputs, (theta,), (v,))[1])(V)  # (k, b, 1, ...)
     HJv = torch.einsum("bij,kbj->kbi", H_out, Jv.reshape(V.shape[0], out.shape[0], d))
     return vmap(lambda u: vjp_fn(u.reshape(out.shape))[0])(HJv)

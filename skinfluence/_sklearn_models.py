@@ -85,15 +85,18 @@ def _weight_bias_diag(adapter: ModelAdapter, weight_value: float, bias_value: fl
 
 
 class _LogisticPenalty:
-    """L2 penalty of an sklearn LogisticRegression divided by n_train (picklable)."""
+    """L2 penalty of an sklearn LogisticRegression divided by n_train, or by the sum
+    of the sample weights: ``C sum_i s_i l_i + ||w||^2 / 2`` is ``C sum(s)`` times
+    the weighted mean loss plus ``||w||^2 / (2 C sum(s))`` (picklable)."""
 
     def __init__(self, C, fit_intercept, liblinear, intercept_scaling, multinomial):
         self.C, self.fit_intercept = C, fit_intercept
         self.liblinear, self.intercept_scaling = liblinear, intercept_scaling
         self.multinomial = multinomial
 
-    def __call__(self, adapter: ModelAdapter, n_train: int) -> Penalty:
-        w = 0.0 if not np.isfinite(self.C) else 1.0 / (self.C * n_train)
+    def __call__(self, adapter: ModelAdapter, n_train: int, weight_sum: float | None = None) -> Penalty:
+        total = n_train if weight_sum is None else weight_sum
+        w = 0.0 if not np.isfinite(self.C) else 1.0 / (self.C * total)
         b = w / self.intercept_scaling**2 if (self.liblinear and self.fit_intercept) else 0.0
         diag = _weight_bias_diag(adapter, w, b)
         rank_one = []
@@ -150,16 +153,18 @@ def _from_logistic(est, loss, params, dtype, device) -> ModelAdapter:
 
 
 class _RidgePenalty:
-    """alpha ||W||^2 of Ridge, on the mean squared error scale (picklable)."""
+    """alpha ||W||^2 of Ridge, on the (weighted) mean squared error scale (picklable)."""
 
     def __init__(self, alpha, n_targets):
         self.alpha, self.n_targets = alpha, n_targets
 
-    def __call__(self, adapter: ModelAdapter, n_train: int) -> Penalty:
+    def __call__(self, adapter: ModelAdapter, n_train: int, weight_sum: float | None = None) -> Penalty:
         if self.alpha == 0:
             return Penalty()
-        # objective/(n k) = mean_i mean_k (y - f)^2 + alpha/(n k) ||W||^2
-        w = 2.0 * self.alpha / (n_train * self.n_targets)
+        # objective/(n k) = mean_i mean_k (y - f)^2 + alpha/(n k) ||W||^2, with the
+        # sum of the sample weights in place of n when they are given
+        total = n_train if weight_sum is None else weight_sum
+        w = 2.0 * self.alpha / (total * self.n_targets)
         return Penalty(_weight_bias_diag(adapter, w, 0.0), [])
 
 
@@ -203,15 +208,20 @@ class _OneVsRestLogLoss:
 
 
 class _SGDPenalty:
-    """``alpha/2 ||W||^2`` of SGDClassifier: already on the mean-loss scale (picklable)."""
+    """``alpha/2 ||W||^2`` of SGDClassifier: already on the mean-loss scale (picklable).
+
+    With sample weights SGD minimises ``sum_i s_i l_i / n + alpha/2 ||W||^2``, which is
+    ``sum(s) / n`` times the weighted mean loss plus ``alpha n / (2 sum(s)) ||W||^2``.
+    """
 
     def __init__(self, alpha):
         self.alpha = alpha
 
-    def __call__(self, adapter: ModelAdapter, n_train: int) -> Penalty:
+    def __call__(self, adapter: ModelAdapter, n_train: int, weight_sum: float | None = None) -> Penalty:
         if self.alpha == 0:
             return Penalty()
-        return Penalty(_weight_bias_diag(adapter, self.alpha, 0.0), [])
+        scale = 1.0 if weight_sum is None else n_train / weight_sum
+        return Penalty(_weight_bias_diag(adapter, self.alpha * scale, 0.0), [])
 
 
 def _from_sgd_classifier(est, loss, params, dtype, device) -> ModelAdapter:
@@ -286,13 +296,14 @@ class _HalfSquaredError:
 
 class _MLPPenalty:
     """``alpha/2 ||W||^2`` of an sklearn MLP over its weights (not its biases), which
-    sklearn divides by the number of training points (picklable)."""
+    sklearn divides by the number of training points, or by the sum of the sample
+    weights (picklable)."""
 
     def __init__(self, alpha, softmax=False):
         self.alpha, self.softmax = alpha, softmax
 
-    def __call__(self, adapter: ModelAdapter, n_train: int) -> Penalty:
-        w = self.alpha / n_train
+    def __call__(self, adapter: ModelAdapter, n_train: int, weight_sum: float | None = None) -> Penalty:
+        w = self.alpha / (n_train if weight_sum is None else weight_sum)
         parts = [
             torch.full((k,), w if n.endswith("weight") else 0.0, dtype=torch.float64)
             for n, k in zip(adapter.param_names, adapter.sizes, strict=True)

@@ -594,6 +594,13 @@ def _influence_matrix(scorer_or_I, cf, points):
         )
     if getattr(scorer_or_I, "mode", "up") != "up":
         raise ValueError("retraining checks need influences of removal: mode='up'.")
+    if getattr(scorer_or_I, "sample_weight_", None) is not None:
+        raise ValueError(
+            "sample_weight: the scorer was fitted with sample weights, but the "
+            "counterfactuals refit the estimator without them, so their outcomes are not "
+            "what the weighted influences predict; compare with refits that pass the "
+            "weights (predict_removal_effect against your own refits)."
+        )
     I = scorer_or_I.influences(cf.X_test_[pts], cf.y_test_[pts], cf.X_train_, cf.y_train_)
     return np.asarray(I, dtype=np.float64)
 

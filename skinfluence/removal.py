@@ -18,6 +18,10 @@ minimiser by ``d = theta_{-S} - theta``:
   ``dN = (A - H_S / n)^-1 g_S / n``, the curvature of the remaining data; exact for
   quadratic objectives (Ridge), and the test loss is evaluated at ``theta + dN``.
 
+With sample weights w the objective is ``sum_i w_i l_i + W R(theta)``, ``W = sum_i
+w_i``: n becomes W, and a group's summed gradient and curvature are weighted,
+``g_S = sum_{j in S} w_j grad l_j`` and ``H_S = sum_{j in S} w_j H_j``.
+
 Everything goes through the solver contract (``solve``, ``factors``,
 ``parameter_factors``, ``pairwise``) and curvature products of the training data,
 so every method offers these effects; the Newton system is solved by conjugate
@@ -140,6 +144,10 @@ class RemovalEffects:
     """
 
     # ------------------------------------------------------------------ pieces
+    def _total_weight(self) -> float:
+        """n_train, or the sum of the sample weights given to fit."""
+        return self.operator_.weight_sum
+
     def _removal_mode_check(self):
         check_is_fitted(self)
         if getattr(self, "mode", "up") != "up":
@@ -149,8 +157,9 @@ class RemovalEffects:
             )
 
     def _group_sums(self, F, index_lists):
-        """``sum_{j in group} F . grad l_j`` for each group: (k, n_groups), batched over
-        the training data so that no k x n_train matrix is held."""
+        """``sum_{j in group} w_j F . grad l_j`` for each group: (k, n_groups), batched
+        over the training data so that no k x n_train matrix is held (w_j the sample
+        weights, 1 without them)."""
         n = self.n_train_
         member = np.full(n, -1, dtype=np.int64)
         overlap = False
@@ -176,6 +185,9 @@ class RemovalEffects:
                 continue
             rows = torch.arange(s.start, s.stop, device=device)[keep]
             P = solver.pairwise(F, X[rows], Y[rows])  # (k, b)
+            w = self.operator_.batch_weights(rows)
+            if w is not None:
+                P = P * w.to(P.dtype)
             if overlap:
                 out += P @ Mb[keep]
             else:
@@ -183,22 +195,25 @@ class RemovalEffects:
         return out
 
     def _gradient_sums(self, index_lists):
-        """Summed loss gradients of each group, (n_groups, p)."""
+        """Summed (weighted) loss gradients of each group, (n_groups, p)."""
         from ._gradients import per_sample_grads
 
-        a = self.adapter_
+        a, op = self.adapter_, self.operator_
         out = []
         for idx in index_lists:
             t = torch.as_tensor(idx, device=self.X_train_.device)
             g = torch.zeros(a.n_params, dtype=a.dtype, device=a.device)
             for s in batch_slices(len(idx), self.batch_size):
-                g += per_sample_grads(a, self.X_train_[t[s]], self.y_train_[t[s]]).sum(0)
+                G = per_sample_grads(a, self.X_train_[t[s]], self.y_train_[t[s]])
+                w = op.batch_weights(t[s])
+                g += (G if w is None else G * w[:, None].to(G.dtype)).sum(0)
             out.append(g)
         return torch.stack(out)
 
     def _newton_steps(self, index_lists, rtol=1e-8, maxiter=None, n_steps=1):
         """``theta_{-S} - theta`` for each group, (n_groups, p): ``n_steps`` Newton steps
-        on the objective without the group, the first ``(A - H_S / n)^-1 g_S / n``.
+        on the objective without the group, the first ``(A - H_S / n)^-1 g_S / n``
+        (n the total weight, with sample weights).
 
         Each step's system (the remaining data's curvature at the current point) is
         solved by conjugate gradients preconditioned by the fitted solver. The
@@ -212,15 +227,17 @@ class RemovalEffects:
 
         a, n = self.adapter_, self.n_train_
         op = self.operator_
-        B = self._gradient_sums(index_lists) / n
+        total = self._total_weight()
+        B = self._gradient_sums(index_lists) / total
         maxiter = maxiter or max(50, min(a.n_params, 500))
         theta = a.flat_params()
         X, Y = self.X_train_, self.y_train_
 
-        def grad_sum(adapter, Xs, Ys):
+        def grad_sum(adapter, Xs, Ys, ws):
             g = torch.zeros(a.n_params, dtype=a.dtype, device=a.device)
             for s in batch_slices(Xs.shape[0], self.batch_size):
-                g += per_sample_grads(adapter, Xs[s], Ys[s]).sum(0)
+                G = per_sample_grads(adapter, Xs[s], Ys[s])
+                g += (G if ws is None else G * ws[s, None].to(G.dtype)).sum(0)
             return g
 
         def damping(V):  # penalty and regularization: the same at every point
@@ -230,8 +247,7 @@ class RemovalEffects:
         steps, worst, diverged = [], 0.0, False
         for g, idx in enumerate(index_lists):
             keep = torch.as_tensor(np.setdiff1d(np.arange(n), idx), device=X.device)
-            Xk, Yk = X[keep], Y[keep]
-            scale = keep.shape[0] / n
+            Xk, Yk, wk = X[keep], Y[keep], op.batch_weights(keep)
             d = torch.zeros_like(theta)
             rest_grad0 = None
             last = float(B[g].norm())
@@ -242,14 +258,15 @@ class RemovalEffects:
                     at = copy.copy(a)
                     at.params = a.unflatten(theta + d)
                     if rest_grad0 is None:
-                        rest_grad0 = grad_sum(a, Xk, Yk)
-                    resid = (grad_sum(at, Xk, Yk) - rest_grad0) / n + damping(d[None])[0] - B[g]
+                        rest_grad0 = grad_sum(a, Xk, Yk, wk)
+                    resid = (grad_sum(at, Xk, Yk, wk) - rest_grad0) / total + damping(d[None])[0] - B[g]
                     rhs = -resid[None]
                     last = float(resid.norm())
-                rest = dataclasses.replace(op, adapter=at, X=Xk, Y=Yk)
+                rest = dataclasses.replace(op, adapter=at, X=Xk, Y=Yk, weights=wk)
 
-                def mv(V, rest=rest, scale=scale):
-                    return rest.data_mv(V) * scale + damping(V)
+                def mv(V, rest=rest):
+                    # the remaining data's summed curvature on the scale of the whole
+                    return rest.data_sum_mv(V) / total + damping(V)
 
                 # every step to the accuracy asked of the whole, ||B_g|| rtol
                 x, _, res = self._pcg(mv, rhs, rtol, maxiter, g, float(B[g].norm()))
@@ -315,11 +332,12 @@ class RemovalEffects:
         return x, it, res
 
     def _group_curvature_products(self, V, index_lists):
-        """``H_S v_g`` (summed over the group's points) for each group's row of V."""
+        """``H_S v_g`` (summed, weighted, over the group's points) for each group's row
+        of V."""
         op = self.operator_
         rows = []
         for g, idx in enumerate(index_lists):
-            rows.append(op.subset(idx).data_mv(V[g : g + 1])[0] * len(idx))
+            rows.append(op.subset(idx).data_sum_mv(V[g : g + 1])[0])
         return torch.stack(rows)
 
     def _effects(self, X_test, y_test, index_lists, correction, rtol=1e-8, maxiter=None,
@@ -328,7 +346,7 @@ class RemovalEffects:
         from .solvers import SolveReport
 
         _check_correction(correction)
-        a, n = self.adapter_, self.n_train_
+        a, n = self.adapter_, self._total_weight()
         Xte, Yte = self._data(X_test, y_test, "X_test", "y_test", predicted_ok=True)
         with a.eval_mode():
             if correction == "newton":
@@ -360,7 +378,9 @@ class RemovalEffects:
         ``G[i, g] = sum_{j in group g} I[i, j]`` (first order, Koh et al. 2019), with
         ``I`` the influence matrix of :meth:`influences`; positive means the group
         helps test point i, and removing group g changes the loss at test point i by
-        about ``G[i, g] / n_train``. The n_test x n_train matrix is never formed: the
+        about ``G[i, g] / n_train``. With sample weights w the sum is weighted,
+        ``G[i, g] = sum_{j in group g} w_j I[i, j]``, and the change is about
+        ``G[i, g] / sum(w)``. The n_test x n_train matrix is never formed: the
         test factors meet the training gradients one batch at a time. For sizes that
         are right beyond the first order, see :meth:`predict_removal_effect`.
 
@@ -425,7 +445,8 @@ class RemovalEffects:
         The corrections (objective ``sum_i l_i + n R(theta)``, ``R`` the estimator's
         own penalty plus ``regularization / 2 ||theta||^2``, both unchanged by the
         removal; ``A`` the solver's curvature of the mean loss, ``g_S`` and ``H_S`` the
-        group's summed loss gradients and curvature):
+        group's summed loss gradients and curvature; with sample weights, ``n`` is
+        their sum and ``g_S``, ``H_S`` are weighted by them):
 
         * ``"none"``: first order, ``grad l_test . A^-1 g_S / n``, the group's
           influences summed and divided by n. Cost: one pass over the training data
@@ -526,6 +547,7 @@ class RemovalEffects:
         """Per training point j: its output o_j, the output shift of the refit without
         it (first order and Newton), for the whole training set."""
         a, solver, n = self.adapter_, self.solver_, self.n_train_
+        op, total = self.operator_, self._total_weight()
         X, Y = self.X_train_, self.y_train_
         outputs = vmap(a.sample_output, in_dims=(None, 0))
         jacobians = vmap(jacrev(a.sample_output), in_dims=(None, 0))
@@ -544,7 +566,10 @@ class RemovalEffects:
             r = vmap(grad(out_loss))(o, Yb).reshape(b, k)
             S = vmap(hessian(out_loss))(o, Yb).reshape(b, k, k)
             AJ = solver.solve(J.reshape(b * k, -1)).reshape(b, k, -1)
-            Q = torch.einsum("bkp,blp->bkl", J, AJ.to(J.dtype)) / n  # J A^-1 J^T / n
+            Q = torch.einsum("bkp,blp->bkl", J, AJ.to(J.dtype)) / total  # J A^-1 J^T / n
+            w = op.batch_weights(s)
+            if w is not None:  # removing point j removes weight w_j
+                Q = Q * w.to(Q.dtype)[:, None, None]
             Q = 0.5 * (Q + Q.transpose(1, 2))
             first = torch.einsum("bkl,bl->bk", Q, r)
             eye = torch.eye(k, dtype=Q.dtype, device=Q.device)
@@ -571,7 +596,8 @@ class RemovalEffects:
         {removal_sign} Large values mark points the rest of the data does not
         support, often mislabelled ones.
 
-        * ``"none"``: first order, ``self_influence() / n_train``.
+        * ``"none"``: first order, ``self_influence() / n_train`` (``w_j
+          self_influence() / sum(w)`` with sample weights).
         * ``"newton"``: a Newton step with the curvature of the remaining data, for
           which point j's own curvature is taken as ``J_j^T S_j J_j`` (``J_j`` the
           Jacobian of its outputs, ``S_j`` the curvature of the loss in them: exact
@@ -608,7 +634,8 @@ class RemovalEffects:
         self._removal_mode_check()
         a = self.adapter_
         if correction == "none":
-            return self.self_influence() / self.n_train_
+            w = self.sample_weight_
+            return self.self_influence() * (1.0 if w is None else w) / self._total_weight()
         o, shift = self._loo_shifted_outputs(correction)
         f = vmap(self._output_loss_fn())
         with a.eval_mode():

@@ -24,6 +24,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import (
     _check_feature_names,
+    _check_sample_weight,
     _num_samples,
     check_array,
     check_is_fitted,
@@ -43,10 +44,11 @@ __all__ = ["InfluenceScorer", *sorted(s.scorer_name for s in METHODS.values())]
 #: The one sentence on sign and scale, repeated wherever influences are returned.
 SIGN_AND_SCALE = (
     "``I[i, j] = grad l(test_i)^T (H + lambda I)^-1 grad l(train_j)``, with H the "
-    "Hessian of the mean training loss (plus the estimator's own penalty). Positive "
-    "means training point j helps test point i (removing it raises the test loss); "
-    "removing training point j changes the loss at test point i by about "
-    "``I[i, j] / n_train``."
+    "Hessian of the mean training loss (the weighted mean, with ``sample_weight``; "
+    "plus the estimator's own penalty). Positive means training point j helps test "
+    "point i (removing it raises the test loss); removing training point j changes "
+    "the loss at test point i by about ``I[i, j] / n_train``, or "
+    "``w_j I[i, j] / sum(w)`` with sample weights w."
 )
 
 #: Parameters every method shares, declared once.
@@ -96,6 +98,8 @@ _COMMON_ATTRIBUTES = """
         regularization, batch size).
     n_train_ : int
         Number of training points given to ``fit``.
+    sample_weight_ : ndarray of shape (n_train,) or None
+        The sample weights given to ``fit`` (a validated copy), or None.
     n_features_in_ : int
         Number of features of the training data.
     feature_names_in_ : ndarray of str
@@ -218,7 +222,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
                 f"is None; pass one target per sample of {xname}."
             )
         y = _as_array(y)
-        if np.ndim(y) == 0:
+        if np.isscalar(y) or getattr(y, "ndim", 1) == 0:  # not np.ndim: array-likes stay as given
             raise ValueError(f"{name} is a scalar; pass one target per sample of {xname}.")
         with _named(name):
             y = check_array(y, ensure_2d=False, dtype=None, input_name=name, ensure_all_finite=True)
@@ -266,7 +270,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         self.__dict__.pop("_last_call", None)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         """Build the curvature approximation over the training data.
 
         Parameters
@@ -281,6 +285,15 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         y : array-like of shape (n_train,) or (n_train, n_targets)
             Its targets (class labels for classifiers); None for a ``Dataset``,
             whose items carry them.
+        sample_weight : array-like of shape (n_train,), default=None
+            The weights the model was trained with (non-negative, not all zero).
+            The objective is then the weighted mean training loss
+            ``sum_i w_i l_i / sum_i w_i`` plus the estimator's own penalty (for
+            sklearn models on the scale sklearn gives it for weighted data), and H
+            its curvature. Influences stay per point, from each point's own
+            gradient: removing training point j changes a test loss by about
+            ``w_j I[i, j] / sum(w)``, and a point of weight 0 by nothing. None
+            weighs every point 1.
 
         Returns
         -------
@@ -289,7 +302,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         """
         self._reset()
         try:
-            self._fit(X, y)
+            self._fit(X, y, sample_weight)
         except BaseException:
             self._reset()  # a failed fit leaves nothing fitted, not even n_features_in_
             raise
@@ -327,10 +340,10 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             Y = Rows(reader, 1, n, tuple(first[1].shape[1:]), first[1].device, first[1].dtype)
         return Xr, Y
 
-    def _fit(self, X, y):
+    def _fit(self, X, y, sample_weight=None):
         resolve_dtype(getattr(self, "dtype", None))
         if is_out_of_core(X):
-            return self._fit_data(None, None, X, y)
+            return self._fit_data(None, None, sample_weight, X, y)
         with _named("X"):
             if _reads_raw_inputs(self.estimator):
                 # the Pipeline's steps take X as given: a DataFrame keeps its columns
@@ -340,9 +353,9 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             else:
                 X = validate_data(self, _as_array(X), reset=True, allow_nd=True, dtype="numeric")
         y = self._check_y(y, _num_samples(X), "y", "X")
-        self._fit_data(X, y)
+        self._fit_data(X, y, sample_weight)
 
-    def _fit_data(self, X, y, lazy_X=None, lazy_y=None):
+    def _fit_data(self, X, y, sample_weight, lazy_X=None, lazy_y=None):
         """Fit on validated arrays (X, y), or on out-of-core ``lazy_X``."""
         solver = self._solver()
         kw = {"loss": getattr(self, "loss", None), "dtype": getattr(self, "dtype", None),
@@ -352,22 +365,29 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         if names != adapter.param_names:  # parameters the method leaves out are held fixed
             adapter = build_adapter(self.estimator, params=names, **kw)
         if lazy_X is None:
+            n = _num_samples(X)
+            sw = None if sample_weight is None else _sample_weights(sample_weight, X)
+            weight_sum = None if sw is None else float(sw.sum())
             Xt = adapter.features(X)
-            adapter.bind(Xt, int(Xt.shape[0]))  # before the targets: it learns the outputs
+            adapter.bind(Xt, n, weight_sum)  # before the targets: it learns the outputs
             Yt = adapter.targets(y, "y")
             x_shape = tuple(np.shape(X)[1:])
         else:
             source = source_of(lazy_X)
-            if len(source) == 0:
+            n = len(source)
+            if n == 0:
                 raise ValueError("X has no samples; pass at least one.")
-            adapter.bind(adapter.features(_as_array(source.read(np.arange(1))[0])), len(source))
+            sw = None if sample_weight is None else _sample_weights(sample_weight, np.empty((n, 0)))
+            weight_sum = None if sw is None else float(sw.sum())
+            adapter.bind(adapter.features(_as_array(source.read(np.arange(1))[0])), n, weight_sum)
             Xt, Yt = self._rows(adapter, lazy_X, lazy_y, "X", "y")
             x_shape = tuple(Xt.shape[1:])
             self.n_features_in_ = int(x_shape[0]) if x_shape else 1
         curvature = solver.curvature or self.hessian
+        weights = None if sw is None else torch.as_tensor(sw, dtype=adapter.dtype, device=adapter.device)
         operator = CurvatureOperator(
             adapter, Xt, Yt, curvature, float(getattr(self, "regularization", 0.0)),
-            int(self.batch_size),
+            int(self.batch_size), weights,
         )
         with adapter.eval_mode():
             _check_differentiable(adapter, Xt, Yt)
@@ -378,6 +398,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         self.X_train_, self.y_train_ = Xt, Yt
         self.x_shape_ = x_shape
         self.n_train_ = int(Xt.shape[0])
+        self.sample_weight_ = sw
         self.n_params_ = adapter.n_params
         if adapter.target_kind in (CLASS_INDEX, BINARY):
             self.classes_ = adapter.classes
@@ -537,15 +558,22 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         """
         return self.influences(X, y)
 
-    def fit_transform(self, X, y):
+    def fit_transform(self, X, y, sample_weight=None):
         """Fit on (X, y), then return the influences of the training points on themselves.
+
+        Parameters
+        ----------
+        X, y : array-like
+            Training data, as for :meth:`fit`.
+        sample_weight : array-like of shape (n_train,), default=None
+            Sample weights, as for :meth:`fit`.
 
         Returns
         -------
         I : ndarray of shape (n_train, n_train) or (n_train, n_train, n_features)
             Pairwise training influences; its diagonal is :meth:`self_influence`.
         """
-        return self.fit(X, y).influences(X, y)
+        return self.fit(X, y, sample_weight=sample_weight).influences(X, y)
 
     @_doc
     def self_influence(self, X=None, y=None):
@@ -627,7 +655,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         leave_one_out : bool, default=False
             Training points only (``X=None``): the probabilities of the model fitted
             without each point, from the influence estimate of its parameters,
-            ``theta + (H + lambda I)^-1 grad l_i / n_train``, pushed through the
+            ``theta + (H + lambda I)^-1 grad l_i / n_train`` (times ``w_i n_train /
+            sum(w)`` with sample weights), pushed through the
             model's output at ``x_i`` to first order.
         classes : array-like, default=None
             The classes, in the order of the columns; None uses ``classes_``.
@@ -664,6 +693,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         a, n = self.adapter_, self.n_train_
         X, Y = self.X_train_, self.y_train_
         theta = a.flat_params()
+        op = self.operator_
 
         def shifted(x, v):
             def f(flat):
@@ -675,7 +705,9 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         res = []
         for s in batch_slices(n, self.batch_size):
             G = per_sample_grads(a, X[s], Y[s])
-            V = (self.solver_.solve(G) / n).to(theta.dtype)
+            V = self.solver_.solve(G) / op.weight_sum
+            w = op.batch_weights(s)
+            V = (V if w is None else V * w[:, None].to(V.dtype)).to(theta.dtype)
             res.append(vmap(shifted)(X[s], V))
         return torch.cat(res)
 
@@ -699,6 +731,23 @@ def _reads_raw_inputs(estimator) -> bool:
     from sklearn.pipeline import Pipeline
 
     return isinstance(estimator, Pipeline)
+
+
+def _sample_weights(sample_weight, X) -> np.ndarray:
+    """Validated float64 copy of the sample weights: finite, non-negative, one per
+    row of X, not all zero."""
+    with _named("sample_weight"):
+        if isinstance(sample_weight, torch.Tensor):
+            sample_weight = _as_array(sample_weight)
+        sw = np.asarray(sample_weight) if not np.isscalar(sample_weight) else sample_weight
+        if not np.isscalar(sw) and sw.ndim != 1:
+            raise ValueError(
+                f"sample_weight has shape {sw.shape}; pass one weight per training point, "
+                f"a 1-d array of length {_num_samples(X)}."
+            )
+        return _check_sample_weight(
+            sw, X, dtype=np.float64, ensure_non_negative=True, copy=True,
+        )
 
 
 def _as_array(a):

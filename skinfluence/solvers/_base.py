@@ -1,8 +1,9 @@
 """The solver contract: what every curvature method offers the scorers.
 
 A solver approximates ``A = C + P + lambda I`` (C the Hessian or Gauss-Newton matrix
-of the mean training loss, P the estimator's own penalty, lambda the
-regularization), given as a :class:`CurvatureOperator`. Its operations:
+of the mean training loss, weighted by the operator's sample weights when it has
+them; P the estimator's own penalty, lambda the regularization), given as a
+:class:`CurvatureOperator`. Its operations:
 
 * ``fit(operator)`` builds the approximation;
 * ``solve(G)`` applies ``A^-1`` to a block of flat gradients ``G`` (k, p);
@@ -74,6 +75,9 @@ class CurvatureOperator:
         lambda.
     batch_size : int
         Training samples per product step.
+    weights : torch.Tensor of shape (n_train,), default=None
+        Sample weights: the mean is then the weighted mean ``sum_i w_i l_i /
+        sum_i w_i`` (and C its curvature). None weighs every point 1.
 
     Examples
     --------
@@ -95,6 +99,7 @@ class CurvatureOperator:
     curvature: str
     regularization: float
     batch_size: int
+    weights: torch.Tensor | None = None
 
     @property
     def n_params(self) -> int:
@@ -103,6 +108,15 @@ class CurvatureOperator:
     @property
     def n_train(self) -> int:
         return int(self.X.shape[0])
+
+    @property
+    def weight_sum(self) -> float:
+        """The total weight of the training points (their number, unweighted)."""
+        return float(self.n_train) if self.weights is None else float(self.weights.sum(dtype=torch.float64))
+
+    def batch_weights(self, s) -> torch.Tensor | None:
+        """The weights of the training points ``s`` (a slice or indices), or None."""
+        return None if self.weights is None else self.weights[s]
 
     @property
     def device(self):
@@ -118,12 +132,20 @@ class CurvatureOperator:
         """Machine epsilon of the precision the products run in."""
         return float(torch.finfo(self.adapter.dtype).eps)
 
-    def data_mv(self, V: torch.Tensor) -> torch.Tensor:
-        """``V @ C`` for the mean training loss (no penalty, no regularization)."""
+    def data_sum_mv(self, V: torch.Tensor) -> torch.Tensor:
+        """``V @ sum_i w_i C_i``, the curvature of the summed (weighted) training loss."""
         out = torch.zeros_like(V)
         for s in batch_slices(self.n_train, self.batch_size):
-            out += curvature_mv(self.adapter, self.X[s], self.Y[s], V, self.curvature)
-        return out / self.n_train
+            out += curvature_mv(self.adapter, self.X[s], self.Y[s], V, self.curvature,
+                                self.batch_weights(s))
+        return out
+
+    def data_mv(self, V: torch.Tensor) -> torch.Tensor:
+        """``V @ C`` for the (weighted) mean training loss (no penalty, no
+        regularization); zero when the points carry no weight at all."""
+        out = self.data_sum_mv(V)
+        total = self.weight_sum
+        return out / total if total > 0 else out
 
     def curvature_mv(self, V: torch.Tensor) -> torch.Tensor:
         """``V @ (C + P)`` for float64 rows ``V``, in float64.
@@ -151,22 +173,25 @@ class CurvatureOperator:
         from ._dense import dense_curvature
 
         a = self.adapter
-        A = dense_curvature(a, self.X, self.Y, self.curvature, self.batch_size, progress=progress)
+        A = dense_curvature(a, self.X, self.Y, self.curvature, self.batch_size, progress=progress,
+                            weights=self.weights)
         if not a.penalty.is_zero:
             A += a.penalty.dense(a.n_params, a.dtype, a.device)
         A.diagonal().add_(self.regularization)
         return A
 
     def subset(self, idx) -> CurvatureOperator:
-        """The same operator over the training points ``idx`` only (a minibatch)."""
+        """The same operator over the training points ``idx`` only (a minibatch),
+        with their weights: C is then the (weighted) mean over those points."""
+        t = torch.as_tensor(idx, device=self.X.device)
         if isinstance(self.X, Rows):  # rows read batch by batch: a view, nothing read
             X = self.X.take(idx)
-            Y = self.Y.take(idx) if isinstance(self.Y, Rows) else self.Y[torch.as_tensor(idx, device=self.Y.device)]
+            Y = self.Y.take(idx) if isinstance(self.Y, Rows) else self.Y[t.to(self.Y.device)]
         else:
-            idx = torch.as_tensor(idx, device=self.X.device)
-            X, Y = self.X[idx], self.Y[idx]
+            X, Y = self.X[t], self.Y[t]
         return CurvatureOperator(
-            self.adapter, X, Y, self.curvature, self.regularization, self.batch_size,
+            self.adapter, X, Y, self.curvature, self.regularization,
+            self.batch_size, self.batch_weights(t),
         )
 
 

@@ -30,8 +30,11 @@ def dense_curvature(
     batch_size: int,
     block: int = 512,
     progress=None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The curvature of the MEAN loss over (X, Y) as a dense p x p matrix.
+
+    With ``weights`` (n,), of the weighted mean ``sum_i w_i l_i / sum_i w_i``.
 
     Built from products with blocks of at most ``block`` basis vectors, over batches
     of ``batch_size`` samples, so peak memory is about ``block * batch_size``
@@ -40,18 +43,23 @@ def dense_curvature(
     other tensors held constant, and the rest filled in by symmetry.
     """
     p, n = adapter.n_params, X.shape[0]
+    total = float(n) if weights is None else float(weights.sum(dtype=torch.float64))
+
+    def w(s):
+        return None if weights is None else weights[s]
+
     H = torch.zeros(p, p, dtype=adapter.dtype, device=adapter.device)
     if curvature == "empirical-fisher":
         # the mean outer product of per-sample gradients, one batch of them at a time
         steps = list(batch_slices(n, batch_size))
         for s in steps if progress is None else progress(steps, desc="empirical Fisher"):
             G = per_sample_grads(adapter, X[s], Y[s])
-            H += G.T @ G
-        return H / n
+            H += G.T @ (G if weights is None else G * weights[s, None].to(G.dtype))
+        return H / total
     if curvature == "exact":
         plan = _linear_plan(adapter, X)
         if plan is not None:
-            return _linear_hessian(adapter, X, Y, plan, batch_size, progress)
+            return _linear_hessian(adapter, X, Y, plan, batch_size, progress, weights)
         steps = [
             (s, t, b)
             for s in batch_slices(n, batch_size)
@@ -60,7 +68,7 @@ def dense_curvature(
         ]
         offsets = _offsets(adapter)
         for s, t, b in steps if progress is None else progress(steps, desc="Hessian"):
-            rows = _hessian_rows(adapter, X[s], Y[s], t, b)
+            rows = _hessian_rows(adapter, X[s], Y[s], t, b, w(s))
             r0, c0 = offsets[t] + b.start, offsets[t]
             H[r0 : r0 + rows.shape[0], c0:] += rows
         upper = torch.triu(H)
@@ -70,21 +78,21 @@ def dense_curvature(
             sl = slice(offsets[t], offsets[t + 1])
             blk = H[sl, sl]
             H[sl, sl] = 0.5 * (blk + blk.T)
-        return H / n
+        return H / total
     plan = _linear_plan(adapter, X, output_layer=True)
     if plan is not None:
         # the output is linear in the parameters: Gauss-Newton = Hessian
-        return _linear_hessian(adapter, X, Y, plan, batch_size, progress)
+        return _linear_hessian(adapter, X, Y, plan, batch_size, progress, weights)
     eye = torch.eye(p, dtype=adapter.dtype, device=adapter.device)
     steps = [(s, b) for s in batch_slices(n, batch_size) for b in batch_slices(p, block)]
     for s, b in steps if progress is None else progress(steps, desc="Gauss-Newton"):
-        H[b] += curvature_mv(adapter, X[s], Y[s], eye[b], curvature)
-    H /= n
+        H[b] += curvature_mv(adapter, X[s], Y[s], eye[b], curvature, w(s))
+    H /= total
     return 0.5 * (H + H.T)
 
 
-def _hessian_rows(adapter: ModelAdapter, X, Y, t: int, b: slice) -> torch.Tensor:
-    """Rows of the summed-loss Hessian for entries ``b`` of parameter tensor ``t``,
+def _hessian_rows(adapter: ModelAdapter, X, Y, t: int, b: slice, weights=None) -> torch.Tensor:
+    """Rows of the summed (weighted, with ``weights``) loss Hessian for entries ``b`` of parameter tensor ``t``,
     against tensor ``t`` and every later one: shape (len(b), sum of their sizes).
 
     Tensors before ``t`` are closed over as constants, so neither the forward
@@ -97,7 +105,8 @@ def _hessian_rows(adapter: ModelAdapter, X, Y, t: int, b: slice) -> torch.Tensor
     def grads_of_later(theta_t):
         def loss(lp):
             full = {**fixed, **lp}
-            return vmap(adapter.sample_loss, in_dims=(None, 0, 0))(full, X, Y).sum()
+            losses = vmap(adapter.sample_loss, in_dims=(None, 0, 0))(full, X, Y)
+            return losses.sum() if weights is None else (weights.to(losses.dtype) * losses).sum()
 
         lp = {n: adapter.params[n] for n in later}
         lp[name] = theta_t
@@ -174,8 +183,9 @@ def _linear_plan(adapter: ModelAdapter, X: torch.Tensor, output_layer: bool = Fa
     return plan
 
 
-def _linear_hessian(adapter, X, Y, plan, batch_size, progress):
-    """Exact Hessian of the mean loss for a model whose parameters are Linear layers.
+def _linear_hessian(adapter, X, Y, plan, batch_size, progress, weights=None):
+    """Exact Hessian of the mean (weighted mean) loss for a model whose parameters
+    are Linear layers.
 
     For Linear layers t and c (c running at or after t), with z = W a + b, the
     output gradient delta = dl/dz, and everything per sample,
@@ -195,6 +205,7 @@ def _linear_hessian(adapter, X, Y, plan, batch_size, progress):
     start = {n: offsets[i] for i, n in enumerate(names)}
     size = dict(zip(names, adapter.sizes, strict=True))
     p, n = adapter.n_params, X.shape[0]
+    total = float(n) if weights is None else float(weights.sum(dtype=torch.float64))
     H = torch.zeros(p, p, dtype=adapter.dtype, device=adapter.device)
 
     def put(r, c, block):
@@ -206,7 +217,8 @@ def _linear_hessian(adapter, X, Y, plan, batch_size, progress):
 
     steps = [(s, t) for s in batch_slices(n, batch_size) for t in range(len(plan))]
     for s, t in steps if progress is None else progress(steps, desc="Hessian"):
-        a, deltas, d_delta, d_a = _layer_jacobians(adapter, X[s], Y[s], plan, t)
+        ws = None if weights is None else weights[s]
+        a, deltas, d_delta, d_a = _layer_jacobians(adapter, X[s], Y[s], plan, t, ws)
         _, wt, bt = plan[t]
         at = a[0]  # (b, in_t)
         for k, (_, wc, bc) in enumerate(plan[t:]):
@@ -227,12 +239,15 @@ def _linear_hessian(adapter, X, Y, plan, batch_size, progress):
                 put(bt, wc, first.sum(0))
             put(wt, bc, torch.einsum("ik,ioq->okq", at, Dd))
             put(bt, bc, Dd.sum(0))
-    return 0.5 * (H + H.T) / n
+    return 0.5 * (H + H.T) / total
 
 
-def _layer_jacobians(adapter, X, Y, plan, t):
+def _layer_jacobians(adapter, X, Y, plan, t, weights=None):
     """Per-sample inputs a_c, output gradients delta_c, and their Jacobians with
-    respect to layer t's output z_t, for the layers c = t, t+1, ... of ``plan``."""
+    respect to layer t's output z_t, for the layers c = t, t+1, ... of ``plan``.
+
+    With ``weights``, each sample's loss is multiplied by its weight (so the output
+    gradients and their Jacobians are, the inputs and theirs are not)."""
     later = [layer for layer, _, _ in plan[t:]]
     holder = {"eps": {}, "a": {}}
 
@@ -247,11 +262,11 @@ def _layer_jacobians(adapter, X, Y, plan, t):
     with hooked(layers, inject):
         zeros = [torch.zeros(w, dtype=adapter.dtype, device=adapter.device) for w in width]
 
-        def deltas_and_inputs(e, x, y):
+        def deltas_and_inputs(e, x, y, w):
             def loss(z0):
                 holder["eps"] = {id(m): z0[k] + (e if k == 0 else 0) for k, m in enumerate(later)}
                 holder["a"] = {}
-                value = adapter.sample_loss(adapter.params, x, y)
+                value = adapter.sample_loss(adapter.params, x, y) * w
                 return value, [holder["a"][id(m)].reshape(-1) for m in later]
 
             d, a = grad(loss, has_aux=True)(zeros)
@@ -259,14 +274,16 @@ def _layer_jacobians(adapter, X, Y, plan, t):
 
         basis = torch.eye(width[0], dtype=adapter.dtype, device=adapter.device)
 
-        def per_sample(x, y):
+        def per_sample(x, y, w):
             def along(v):
-                return jvp(lambda e: deltas_and_inputs(e, x, y), (zeros[0],), (v,))
+                return jvp(lambda e: deltas_and_inputs(e, x, y, w), (zeros[0],), (v,))
 
             (d, a), (dd, da) = vmap(along)(basis)
             return [q[0] for q in a], [q[0] for q in d], dd, da
 
-        a, d, dd, da = vmap(per_sample)(X, Y)
+        W = (torch.ones(X.shape[0], dtype=adapter.dtype, device=adapter.device)
+             if weights is None else weights.to(adapter.dtype))
+        a, d, dd, da = vmap(per_sample)(X, Y, W)
     holder.clear()
     # a[k]: (b, in_c); d[k]: (b, out_c); dd[k]: (b, out_t, out_c); da[k]: (b, out_t, in_c)
     return a, d, dd, da

@@ -54,15 +54,22 @@ __all__ = ["CgSolver"]
 
 
 def gauss_newton_diagonal(operator: CurvatureOperator) -> torch.Tensor:
-    """Exact diagonal of the Gauss-Newton matrix of the mean loss (of the empirical
-    Fisher, for that curvature) plus the estimator's penalty, float64 (p,)."""
+    """Exact diagonal of the Gauss-Newton matrix of the (weighted) mean loss (of the
+    empirical Fisher, for that curvature) plus the estimator's penalty, float64 (p,)."""
     a = operator.adapter
     n = operator.n_train
+    total = max(operator.weight_sum, torch.finfo(torch.float64).tiny)
     diag = torch.zeros(a.n_params, dtype=torch.float64, device=a.device)
+
+    def weighted(t, s):  # per-sample rows t (b, ...) times the points' weights
+        w = operator.batch_weights(s)
+        return t if w is None else t * w.to(t.dtype).reshape(-1, *[1] * (t.dim() - 1))
+
     if operator.curvature == "empirical-fisher":
         for s in batch_slices(n, operator.batch_size):
-            diag += (per_sample_grads(a, operator.X[s], operator.Y[s]) ** 2).sum(0).to(torch.float64)
-        return _with_penalty(diag / n, a.penalty)
+            G2 = per_sample_grads(a, operator.X[s], operator.Y[s]) ** 2
+            diag += weighted(G2, s).sum(0).to(torch.float64)
+        return _with_penalty(diag / total, a.penalty)
     outputs = vmap(a.sample_output, in_dims=(None, 0))
     jacobians = vmap(jacrev(a.sample_output), in_dims=(None, 0))
     out_hessians = vmap(hessian(lambda o, y: a.output_loss(o, y.unsqueeze(0))))
@@ -77,8 +84,8 @@ def gauss_newton_diagonal(operator: CurvatureOperator) -> torch.Tensor:
         J = jacobians(a.params, X)
         J = torch.cat([J[name].reshape(b, k, -1) for name in a.param_names], 2)  # (b, k, p)
         S = out_hessians(out, Y).reshape(b, k, k)
-        diag += (J * torch.einsum("bij,bjp->bip", S, J)).sum((0, 1)).to(torch.float64)
-    return _with_penalty(diag / n, a.penalty)
+        diag += weighted(J * torch.einsum("bij,bjp->bip", S, J), s).sum((0, 1)).to(torch.float64)
+    return _with_penalty(diag / total, a.penalty)
 
 
 def _with_penalty(diag: torch.Tensor, pen) -> torch.Tensor:

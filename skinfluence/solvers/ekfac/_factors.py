@@ -10,6 +10,11 @@
    per-sample gradients projected on the Kronecker eigenbasis,
    ``E[(Q_S^T G Q_A)[o, i]^2]``.
 
+With sample weights every average is the weighted one: the output gradients of a
+sample are scaled by the square root of its weight (so that ``g g^T`` carries the
+weight once), its activations are not, and ``A`` weighs each sample's positions by
+the sample's weight.
+
 Activations and output gradients of a batch are kept between passes while they fit
 in ``CACHE_ELEMENTS`` numbers; beyond that every pass recomputes them.
 """
@@ -29,8 +34,10 @@ __all__ = ["CACHE_ELEMENTS", "Passes", "layer_data"]
 CACHE_ELEMENTS = 1 << 25
 
 
-def layer_data(adapter, layers, X, Y, how="empirical", family=None, sampler=None, noise=None) -> dict:
-    """Per layer: activations (b, T, d_in) and output gradients (r, b, T, d_out)."""
+def layer_data(adapter, layers, X, Y, how="empirical", family=None, sampler=None, noise=None,
+               weights=None) -> dict:
+    """Per layer: activations (b, T, d_in) and output gradients (r, b, T, d_out), the
+    latter scaled by the square roots of the samples' ``weights`` (b,) when given."""
     names = [lay.name for lay in layers]
     modules = {n: adapter.module.get_submodule(n) for n in names}
     with capture(modules) as rec, torch.enable_grad():
@@ -44,6 +51,9 @@ def layer_data(adapter, layers, X, Y, how="empirical", family=None, sampler=None
                 "them out with layers=."
             )
         cot = output_cotangents(adapter, out.detach(), Y, how, family, sampler, noise)
+        if weights is not None:
+            root = weights.to(cot.dtype).clamp_min(0).sqrt()
+            cot = cot * root.reshape(1, -1, *[1] * (cot.dim() - 2))
         zs = [z for n in names for _, z in rec[n]]
         if cot.shape[0] == 1:
             gs = torch.autograd.grad(out, zs, cot[0], allow_unused=True)
@@ -79,17 +89,24 @@ def layer_data(adapter, layers, X, Y, how="empirical", family=None, sampler=None
 class Passes:
     """Batches of layer data over the training set, cached when they are small."""
 
-    def __init__(self, solver, X, Y, how, noise, progress):
+    def __init__(self, solver, X, Y, how, noise, progress, weights=None):
         self.solver, self.X, self.Y, self.how, self.noise = solver, X, Y, how, noise
-        self.progress = progress
+        self.progress, self.weights = progress, weights
         self.steps = list(batch_slices(X.shape[0], solver.batch_size_))
         self.cache = None
+
+    @property
+    def total_weight(self) -> float:
+        """The training points' total weight (their number, unweighted)."""
+        total = float(self.X.shape[0]) if self.weights is None else float(self.weights.sum(dtype=torch.float64))
+        return total if total > 0 else 1.0
 
     def _compute(self, s):
         sol = self.solver
         return layer_data(
             sol.adapter_, sol.layers_, self.X[s], self.Y[s], self.how, sol.family_,
             sol.sampler_, None if self.noise is None else self.noise[s],
+            None if self.weights is None else self.weights[s],
         )
 
     def first(self, desc: str, keep: bool):
@@ -119,16 +136,22 @@ def kfac_factors(passes: Passes, layers, keep: bool, device) -> dict:
     f64 = torch.float64
     A = {lay.name: torch.zeros(lay.d_in, lay.d_in, dtype=f64, device=device) for lay in layers}
     S = {lay.name: torch.zeros(lay.d_out, lay.d_out, dtype=f64, device=device) for lay in layers}
-    positions = dict.fromkeys(A, 0)
-    for data in passes.first("K-FAC factors", keep):
+    positions = dict.fromkeys(A, 0.0)
+    for s, data in zip(passes.steps, passes.first("K-FAC factors", keep), strict=True):
+        w = None if passes.weights is None else passes.weights[s]
         for name, (act, g) in data.items():
             # one batch in the working precision, the running sums in float64
             act2, g2 = act.reshape(-1, act.shape[-1]), g.reshape(-1, g.shape[-1])
-            A[name] += (act2.T @ act2).to(f64)
+            if w is None:
+                A[name] += (act2.T @ act2).to(f64)
+                positions[name] += act2.shape[0]
+            else:  # each sample's positions weighed by the sample's weight
+                wr = w.to(act.dtype)[:, None].expand(act.shape[0], act.shape[1]).reshape(-1)
+                A[name] += ((act2 * wr[:, None]).T @ act2).to(f64)
+                positions[name] += float(wr.sum())
             S[name] += (g2.T @ g2).to(f64)
-            positions[name] += act2.shape[0]
-    n = passes.X.shape[0]
-    return {lay.name: (A[lay.name] / positions[lay.name], S[lay.name] / n) for lay in layers}
+    n = passes.total_weight
+    return {lay.name: (A[lay.name] / max(positions[lay.name], 1e-300), S[lay.name] / n) for lay in layers}
 
 
 def nearest_kronecker(factors: dict, passes: Passes, basis_iter: int, dtype) -> dict:
@@ -183,5 +206,5 @@ def corrected_eigenvalues(passes: Passes, basis: dict, template: dict) -> dict:
             else:
                 for gr in gq:
                     diag[name] += (torch.einsum("bto,bti->boi", gr, aq) ** 2).sum(0).to(f64)
-    n = passes.X.shape[0]
+    n = passes.total_weight
     return {name: d / n for name, d in diag.items()}

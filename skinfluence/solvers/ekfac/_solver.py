@@ -113,7 +113,7 @@ class EkfacSolver(Solver):
             with torch.no_grad():
                 out_shape = tuple(a.outputs(X[:1]).shape[1:])
             noise = self.sampler_.noise(rng, n, out_shape)
-        passes = Passes(self, X, Y, self.fisher, noise, progress)
+        passes = Passes(self, X, Y, self.fisher, noise, progress, operator.weights)
         self.factors_ = kfac_factors(passes, self.layers_, self.update_diagonal, a.device)
         kron = self.factors_
         if self.update_diagonal and self.basis_iter:
