@@ -457,7 +457,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         {sign_and_scale} Each layer's matrix is the product of the test factors and the
         training gradients restricted to that layer's parameters; the matrices sum to
         :meth:`influences`. For a curvature that is block diagonal over layers
-        (EK-FAC) each is the influence computed with that layer alone.
+        (EK-FAC, or ``block_structure="layer"``) each is the influence computed with
+        that layer alone.
 
         {pairwise_params}
 

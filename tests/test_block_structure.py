@@ -350,3 +350,26 @@ def test_blocks_carry_the_estimators_own_penalty(kind):
             assert rel(part, single) < 1e-10
     full = sk.DirectInfluenceScorer(est, regularization=0.05, hessian="gauss-newton", dtype="float64").fit(X, y)
     assert rel(total, full.influences(X[:10], y[:10])) > 1e-3
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_invariances_hold_with_blocks(name, data):
+    """Self-influence is the diagonal, factors times gradients are the influences,
+    solving leaves the fitted solver as it was; perturbation mode runs on the blocks."""
+    model, Xtr, ytr, Xte, yte = data
+    s = make(name, model, block_structure="layer").fit(Xtr, ytr)
+    before = pickle.dumps(s.solver_)
+    I = s.influences(Xtr[:12], ytr[:12])
+    np.testing.assert_allclose(s.self_influence(Xtr[:12], ytr[:12]), np.diag(I[:, :12]), rtol=1e-7, atol=1e-12)
+    G = s._grads(s.X_train_, s.y_train_).numpy()
+    np.testing.assert_allclose(s.influence_factors(Xte, yte) @ G.T, s.influences(Xte, yte), rtol=1e-8, atol=1e-12)
+    assert pickle.dumps(s.solver_) == before
+    p = make(name, model, block_structure="layer", mode="perturbation").fit(Xtr, ytr)
+    D = p.influences(Xte[:3], yte[:3], Xtr[:5], ytr[:5])
+    assert D.shape == (3, 5, 4) and np.isfinite(D).all()
+    # the derivative along a feature matches a finite difference of the influence
+    eps = 1e-6
+    Xp = Xtr[:5].copy()
+    Xp[:, 1] += eps
+    fd = (s.influences(Xte[:3], yte[:3], Xp, ytr[:5]) - s.influences(Xte[:3], yte[:3], Xtr[:5], ytr[:5])) / eps
+    assert rel(D[:, :, 1], fd) < 1e-4
