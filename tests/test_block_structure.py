@@ -373,3 +373,15 @@ def test_invariances_hold_with_blocks(name, data):
     Xp[:, 1] += eps
     fd = (s.influences(Xte[:3], yte[:3], Xp, ytr[:5]) - s.influences(Xte[:3], yte[:3], Xtr[:5], ytr[:5])) / eps
     assert rel(D[:, :, 1], fd) < 1e-4
+
+
+@pytest.mark.parametrize("method, preconditioner", [
+    ("cg", "nystroem"), ("cg", "jacobi"), ("cg", "ekfac"), ("cg", "kfac"), ("lissa", "ekfac"),
+])
+def test_preconditioners_are_built_per_block(method, preconditioner, data, reference):
+    """Each block's solver builds its preconditioner on the block's parameters alone."""
+    model, Xtr, ytr, Xte, yte = data
+    kw = {"rank": 8} if method == "cg" else {}
+    s = make(method, model, block_structure="layer", hessian="gauss-newton", preconditioner=preconditioner, **kw)
+    I = s.fit(Xtr, ytr).influences(Xte, yte)
+    assert rel(I, expected(reference, "gauss-newton", LAYERS.values())) < 1e-8
