@@ -18,6 +18,7 @@ module back in the train/eval mode it came in.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -189,7 +190,7 @@ class Penalty:
     """
 
     diag: torch.Tensor | None = None
-    rank_one: list = field(default_factory=list)  # [(c, u)], u a flat unit vector
+    rank_one: list = field(default_factory=list)  # [(c, u)], u a flat vector
 
     @property
     def is_zero(self) -> bool:
@@ -211,6 +212,13 @@ class Penalty:
         for c, u in self.rank_one:
             P += c * torch.outer(u, u)
         return P
+
+    def restrict(self, cols: torch.Tensor) -> Penalty:
+        """The block of ``P`` on the flat coordinates ``cols``."""
+        return Penalty(
+            None if self.diag is None else self.diag[cols],
+            [(c, u[cols]) for c, u in self.rank_one],
+        )
 
     def to(self, dtype, device) -> Penalty:
         return Penalty(
@@ -326,6 +334,33 @@ class ModelAdapter:
             out.setdefault(owners[n][0], []).extend(range(o, o + k))
             o += k
         return {name: torch.as_tensor(cols, device=self.device) for name, cols in out.items()}
+
+    def columns(self, names) -> torch.Tensor:
+        """Columns of the flat layout holding the parameters ``names``, in the
+        layout's order."""
+        wanted, cols, o = set(names), [], 0
+        for n, k in zip(self.param_names, self.sizes, strict=True):
+            if n in wanted:
+                cols.extend(range(o, o + k))
+            o += k
+        return torch.as_tensor(cols, dtype=torch.int64, device=self.device)
+
+    def restrict(self, names) -> ModelAdapter:
+        """The same model as a function of the parameters ``names`` alone (a subset
+        of ``param_names``), the others held at their values; the penalty is its
+        block on those parameters. Its flat layout is the columns
+        :meth:`columns` gives, in that order."""
+        names = [n for n in self.param_names if n in set(names)]
+        out = copy.copy(self)
+        out.param_names = names
+        out.params = {n: self.params[n] for n in names}
+        out.frozen = {**{n: t for n, t in self.params.items() if n not in out.params}, **self.frozen}
+        index = {n: i for i, n in enumerate(self.param_names)}
+        out.shapes = [self.shapes[index[n]] for n in names]
+        out.sizes = [self.sizes[index[n]] for n in names]
+        out.n_params = int(sum(out.sizes))
+        out.penalty = self.penalty if self.penalty.is_zero else self.penalty.restrict(self.columns(names))
+        return out
 
     @property
     def loss_family(self) -> LossFamily:

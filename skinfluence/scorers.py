@@ -12,6 +12,7 @@ fitted attributes follow from that declaration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import textwrap
 import warnings
 from numbers import Integral, Real
@@ -37,7 +38,15 @@ from ._data import DatasetSource, Rows, _Reader, is_out_of_core, source_of
 from ._gradients import batch_slices, per_sample_grads
 from .large import LargeData
 from .removal import RemovalEffects
-from .solvers import METHODS, CurvatureOperator, Param, SolveReport, pairwise_tile
+from .solvers import (
+    METHODS,
+    Attribute,
+    BlockDiagonalSolver,
+    CurvatureOperator,
+    Param,
+    SolveReport,
+    pairwise_tile,
+)
 
 __all__ = ["InfluenceScorer", *sorted(s.scorer_name for s in METHODS.values())]
 
@@ -78,6 +87,18 @@ its derivative with respect to the training point's features."""),
 semi-definite, useful for non-convex networks), or the empirical Fisher, the
 mean of the outer products of the per-sample gradients at the given labels
 (positive semi-definite; it equals neither away from a perfect fit)."""),
+        Param("block_structure", "full", [StrOptions({"full", "layer"}), list, tuple],
+              '{"full", "layer"} or list of list of str', """The blocks of the curvature. "full": the whole matrix. "layer": only its
+diagonal blocks, one per module holding parameters (the layers of
+:meth:`influences_by_layer`); the curvature between layers is dropped and each
+block is solved on its own by the method, as the Hessian (or Gauss-Newton
+matrix) of that layer's parameters with the others held fixed, plus the same
+``regularization``. The Direct method then stores the sum of the blocks'
+squares instead of p^2 numbers. A list gives the blocks as groups of parameter
+names or module prefixes (a string alone is a group of one); every parameter
+taken into account must be in exactly one group. With blocks, ``rank`` applies
+to each block (at most its size), and the method's fitted attributes hold one
+entry per block (see ``blocks_``)."""),
         Param("batch_size", 256, [Interval(Integral, 1, None, closed="left")], "int",
               "Samples per step of every computation; bounds peak memory."),
         Param("dtype", None, "no_validation", '{None, "float32", "float64"}',
@@ -262,7 +283,11 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
     # ------------------------------------------------------------------ fit
     def _solver(self):
         cls = self.solver_class
-        return cls(**{name: getattr(self, name) for name in cls.own_parameters()})
+        solver = cls(**{name: getattr(self, name) for name in cls.own_parameters()})
+        blocks = getattr(self, "block_structure", "full")
+        if isinstance(blocks, str) and blocks == "full":
+            return solver
+        return BlockDiagonalSolver(solver, blocks)
 
     def _reset(self):
         for name in [k for k in vars(self) if k.endswith("_") and not k.startswith("__")]:
@@ -521,7 +546,8 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         {sign_and_scale} Each layer's matrix is the product of the test factors and the
         training gradients restricted to that layer's parameters; the matrices sum to
         :meth:`influences`. For a curvature that is block diagonal over layers
-        (EK-FAC) each is the influence computed with that layer alone.
+        (EK-FAC, or ``block_structure="layer"``) each is the influence computed with
+        that layer alone.
 
         {pairwise_params}
 
@@ -828,7 +854,12 @@ def _docstring(solver_cls, params: list[Param]) -> str:
     for extra in (s.notes, s.memory):
         if extra:
             head += ["", _indent(extra)]
-    attrs = _COMMON_ATTRIBUTES + "".join("\n" + a.entry() for a in s.attributes)
+    own = list(s.attributes)
+    if any(p.name == "block_structure" for p in params):
+        own = [
+            dataclasses.replace(a, doc=a.doc.rstrip() + "\n" + _PER_BLOCK[a.when]) for a in own
+        ] + [_BLOCKS]
+    attrs = _COMMON_ATTRIBUTES + "".join("\n" + a.entry() for a in own)
     parts = ["\n".join(head), "", "    Parameters", "    ----------",
              "\n".join(p.entry() for p in params), "", "    Attributes", "    ----------",
              attrs.strip("\n")]
@@ -860,15 +891,43 @@ def _attribute(attr):
             value = getattr(report, attr.name.rstrip("_"))
         else:
             try:
-                value = getattr(self.solver_, attr.source or attr.name)
+                value = self.solver_.fitted_attribute(attr.source or attr.name)
             except AttributeError:
                 raise AttributeError(f"{attr.name} is available after fit.") from None
-        if isinstance(value, torch.Tensor):
-            return value.detach().cpu().numpy()
-        return value
+        if isinstance(value, list):  # one per block of the curvature
+            return [_plain(v) for v in value]
+        return _plain(value)
 
     get.__name__ = attr.name
     return property(get, doc=f"{attr.doc.split(chr(10))[0]}")
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return value
+
+
+#: The fitted attribute of the methods that take ``block_structure``.
+_BLOCKS = Attribute("blocks_", "dict of str to list of str", """The blocks of the curvature: block name (the module's, for "layer"; the
+group's entries joined by "+", for a list) -> its parameter names. One block,
+"full", of every parameter for ``block_structure="full"``.""")
+
+#: What the method's own attributes hold when the curvature has blocks.
+_PER_BLOCK = {
+    "fit": 'With ``block_structure`` other than "full", a list of these, one per\n'
+           "block in the order of ``blocks_``.",
+    "solve": 'With ``block_structure`` other than "full": the slowest block\'s\n'
+             "iterations, and for each right-hand side its worst block's residual.",
+}
+
+
+def _blocks(self):
+    check_is_fitted(self)
+    solver = self.solver_
+    if isinstance(solver, BlockDiagonalSolver):
+        return {k: list(v) for k, v in solver.blocks_.items()}
+    return {"full": list(self.adapter_.param_names)}
 
 
 def build_scorer_class(solver_cls) -> type:
@@ -904,6 +963,8 @@ def build_scorer_class(solver_cls) -> type:
     }
     for attr in solver_cls.attributes:
         namespace[attr.name] = _attribute(attr)
+    if "block_structure" in namespace["_parameter_constraints"]:
+        namespace["blocks_"] = property(_blocks, doc=_BLOCKS.doc.split("\n")[0])
     return type(solver_cls.scorer_name, (InfluenceScorer,), namespace)
 
 

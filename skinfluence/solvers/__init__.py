@@ -9,6 +9,7 @@ functional interface and the documentation's table of methods are built from it.
 from .._linalg import NotPositiveDefiniteError
 from ._base import Attribute, CurvatureOperator, Param, Solver, SolveReport, pairwise_tile
 from .arnoldi import ArnoldiSolver
+from .blocks import BlockDiagonalSolver
 from .cg import CgSolver
 from .direct import DirectSolver
 from .ekfac import EkfacSolver
@@ -31,6 +32,7 @@ __all__ = [
     "METHODS",
     "ArnoldiSolver",
     "Attribute",
+    "BlockDiagonalSolver",
     "CgSolver",
     "CurvatureOperator",
     "DirectSolver",

@@ -315,14 +315,37 @@ class SolveReport:
     progress: bool | str = False
     n_iter: int = 0
     n_products: int = 0
+    #: Block name -> the diagnostics of that block of the curvature alone, for a
+    #: block-diagonal curvature (:class:`~skinfluence.solvers.BlockDiagonalSolver`);
+    #: empty otherwise.
+    parts: dict = field(default_factory=dict)
     _residuals: list = field(default_factory=list)
     _converged: list = field(default_factory=list)
     _bar: object = field(default=None, repr=False, compare=False)
     _blocks: int = field(default=0, repr=False, compare=False)
+    _parent: SolveReport | None = field(default=None, repr=False, compare=False)
+
+    def part(self, name: str) -> SolveReport:
+        """The report of block ``name`` of a block-diagonal curvature (made on first
+        use): its own figures, and this report's progress bar.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> r = SolveReport()
+        >>> r.part("fc1").add(4, np.array([1e-6]), np.array([True]))
+        >>> list(r.parts), r.parts["fc1"].n_iter
+        (['fc1'], 4)
+        """
+        if name not in self.parts:
+            self.parts[name] = SolveReport(progress=self.progress, _parent=self)
+        return self.parts[name]
 
     def progress_bar(self, desc: str):
         """Start the solve of a new block on the call's bar (opened by the first
         block); None when ``progress`` is off."""
+        if self._parent is not None:
+            return self._parent.progress_bar(desc)
         if not self.progress:
             return None
         if self._bar is None:
@@ -338,6 +361,8 @@ class SolveReport:
         """One iteration of the current block: its largest ``what`` (a relative
         residual or update) against ``tolerance``, with ``left`` of ``of``
         right-hand sides still iterating."""
+        if self._parent is not None:
+            return self._parent.step(largest, tolerance, left, of, what)
         bar = self._bar
         if bar is None:
             return
@@ -350,6 +375,8 @@ class SolveReport:
 
     def close(self) -> None:
         """Close the bar; the report keeps its figures."""
+        if self._parent is not None:
+            self._parent.close()
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -425,6 +452,9 @@ class Solver:
     warns: str = ""
     raises: str = ""
     examples: str = ""
+    #: Own parameters that are sizes in the parameter space (a rank): a solver for
+    #: a sub-problem with fewer parameters clips them to its size (:meth:`restricted`).
+    sized_parameters: tuple = ()
 
     def __init__(self, **params):
         own = self.own_parameters()
@@ -437,6 +467,37 @@ class Solver:
     @classmethod
     def own_parameters(cls) -> dict:
         return {p.name: p for p in cls.parameters if isinstance(p, Param)}
+
+    def restricted(self, n_params: int) -> Solver:
+        """An unfitted solver with these settings for a sub-problem of ``n_params``
+        parameters (one block of a block-diagonal curvature): the
+        ``sized_parameters`` (a rank) are clipped to ``n_params``.
+
+        Examples
+        --------
+        >>> from skinfluence.solvers import NystroemSolver
+        >>> NystroemSolver(rank=10).restricted(4).rank
+        4
+        """
+        params = {name: getattr(self, name) for name in self.own_parameters()}
+        for name in self.sized_parameters:
+            if params.get(name) is not None:
+                params[name] = min(int(params[name]), int(n_params))
+        return type(self)(**params)
+
+    def fitted_attribute(self, name: str):
+        """The fitted attribute ``name`` (a scorer exposes it); a block-diagonal
+        solver gives one per block.
+
+        Examples
+        --------
+        >>> from skinfluence.solvers import DirectSolver
+        >>> DirectSolver().fitted_attribute("cholesky_")
+        Traceback (most recent call last):
+        ...
+        AttributeError: 'DirectSolver' object has no attribute 'cholesky_'
+        """
+        return getattr(self, name)
 
     # ------------------------------------------------------------ fit
     def select_parameters(self, module, param_names: list[str]) -> list[str]:

@@ -82,7 +82,7 @@ class ArnoldiSolver(Solver):
     """
 
     parameters = (
-        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        "estimator", "loss", "params", "regularization", "mode", "hessian", "block_structure",
         Param("rank", 10, [Interval(Integral, 1, None, closed="left")], "int",
               "Number of eigenpairs kept: those of largest magnitude."),
         Param("krylov_dimension", None, [None, Interval(Integral, 1, None, closed="left")], "int",
@@ -97,6 +97,7 @@ of this residual: 1e-2 typically leaves them well below 1%."""),
         random_state_param("the Lanczos start block"),
     )
     reference_settings: ClassVar[dict] = {"rtol": 1e-10}
+    sized_parameters = ("rank", "krylov_dimension")
     scorer_name = "ArnoldiInfluenceScorer"
     summary = "Influence functions from the top eigenpairs of the curvature (Lanczos)."
     description = f"""

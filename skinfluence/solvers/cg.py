@@ -130,7 +130,7 @@ class CgSolver(Solver):
     """
 
     parameters = (
-        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        "estimator", "loss", "params", "regularization", "mode", "hessian", "block_structure",
         Param("rtol", 1e-5, [Interval(Real, 0, None, closed="left")], "float",
               """Stop when ``||g - A x|| <= max(rtol * ||g||, atol)`` for every right-hand side
 ``g`` (A the curvature plus penalty plus regularization)."""),
@@ -159,6 +159,7 @@ definite; for ``hessian="exact"`` they approximate its Gauss-Newton part."""),
     )
     reference_settings: ClassVar[dict] = {"rtol": 1e-12}
     block_solves = True
+    sized_parameters = ("rank",)
     scorer_name = "CgInfluenceScorer"
     summary = "Influence functions by conjugate gradients, without forming the Hessian."
     description = """

@@ -32,8 +32,8 @@ class DirectSolver(Solver):
     """
 
     parameters = (
-        "estimator", "loss", "params", "regularization", "mode", "hessian", "batch_size",
-        "dtype", "device", "progress",
+        "estimator", "loss", "params", "regularization", "mode", "hessian", "block_structure",
+        "batch_size", "dtype", "device", "progress",
     )
     scorer_name = "DirectInfluenceScorer"
     summary = "Influence functions with the exact inverse curvature."

@@ -107,7 +107,7 @@ class LissaSolver(Solver):
     """
 
     parameters = (
-        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        "estimator", "loss", "params", "regularization", "mode", "hessian", "block_structure",
         Param("scale", "auto", [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
               '"auto" or float', """s in ``h <- g + (1 - dampen) h - (H + lambda I) h / s``. The iteration
 converges when every eigenvalue of ``(H + lambda I) / s`` lies in (0, 2).

@@ -83,12 +83,13 @@ class NystroemSolver(Solver):
     """
 
     parameters = (
-        "estimator", "loss", "params", "regularization", "mode", "hessian",
+        "estimator", "loss", "params", "regularization", "mode", "hessian", "block_structure",
         Param("rank", 10, [Interval(Integral, 1, None, closed="left")], "int",
               "Size of the sketch: Hessian-vector products taken while fitting."),
         "batch_size", "dtype", "device", "progress",
         random_state_param("the Gaussian test matrix"),
     )
+    sized_parameters = ("rank",)
     scorer_name = "NystroemInfluenceScorer"
     summary = "Influence functions from a randomized Nystroem sketch of the curvature."
     description = f"""
