@@ -242,6 +242,10 @@ class SmallResNet(nn.Module):
         Outputs of ``fc`` (logits).
     in_channels : int, default=3
         Channels of the input images.
+    stem_stride : int, default=1
+        Stride of the stem's convolution; 4 brings 64x64 images down to 16x16 at
+        once (torchvision's stem does the same with a strided 7x7 convolution and a
+        max pool).
 
     Examples
     --------
@@ -254,9 +258,10 @@ class SmallResNet(nn.Module):
     1382
     """
 
-    def __init__(self, width: int = 8, stages: int = 2, num_classes: int = 2, in_channels: int = 3):
+    def __init__(self, width: int = 8, stages: int = 2, num_classes: int = 2,
+                 in_channels: int = 3, stem_stride: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stem_stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
         channels = width
