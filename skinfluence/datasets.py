@@ -200,6 +200,21 @@ class BasicBlock(nn.Module):
     The shortcut is the identity, or a strided 1x1 convolution with BatchNorm
     (``downsample``) when the block changes the width or the resolution, as in
     torchvision's ``BasicBlock``.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channels of the block's input and output.
+    stride : int, default=1
+        Stride of the first convolution (and of the shortcut's).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skinfluence.datasets import BasicBlock
+    >>> block = BasicBlock(4, 8, stride=2)
+    >>> block(torch.zeros(1, 4, 16, 16)).shape, type(block.downsample[1]).__name__
+    (torch.Size([1, 8, 8, 8]), 'BatchNorm2d')
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
