@@ -28,19 +28,16 @@ from skinfluence.solvers import direct as direct_module
 
 FROZEN = ("conv1", "bn1", "layer1")
 REG = 0.1
-#: What each method is held to against the tight CG reference: the relative
-#: Frobenius error for the exact methods, the Pearson correlation over the
-#: influence matrix for the approximate ones.
 #: Parameters every method can afford at full rank in a test: a strided 1x1
 #: convolution, its BatchNorm and the linear head (66 of the 962 trainable).
 SUBSET = ["layer2.downsample", "fc"]
 #: What each method is held to against the tight CG reference on SUBSET: the
 #: relative Frobenius error of the influence matrix for the methods that solve the
 #: system (at full rank for Arnoldi and Nystroem), the Pearson correlation over its
-#: entries for EK-FAC (measured: 0.97 on SUBSET, 0.93 on all trainable parameters).
+#: entries for EK-FAC (measured: 0.993 on SUBSET, 0.951 on all trainable parameters).
 MAX_RELATIVE_ERROR = {"direct": 1e-8, "cg": 1e-5, "arnoldi": 1e-8, "nystroem": 1e-8,
                       "lissa": 1e-4}
-MIN_PEARSON = {"ekfac": 0.9}
+MIN_PEARSON = {"ekfac": 0.95}
 
 
 def _is_bn(name: str) -> bool:
@@ -156,7 +153,7 @@ def test_ekfac_over_every_trainable_layer(resnet, reference):
     scorer = _make("ekfac", model).fit(Xtr, ytr)
     assert scorer.layers_ == ["layer2.conv1", "layer2.conv2", "layer2.downsample.0", "fc"]
     I = scorer.influences(Xte, yte)
-    assert pearsonr(I.ravel(), reference["all"].ravel())[0] > 0.85
+    assert pearsonr(I.ravel(), reference["all"].ravel())[0] > 0.9  # measured 0.951
 
 
 def _manual_grads(model, X, y, names):
