@@ -47,14 +47,16 @@ from skinfluence.plotting import plot_influence_by_label, plot_top_influential
 NAMES = {0: "square", 1: "ring"}
 
 
-def make_model(size: int):
+def make_model(size: int, fast: bool):
     """The network, the names of the layers it fine-tunes, and which it is."""
     try:
         from torchvision.models import resnet18
     except ImportError:
         # a strided stem brings the images down to 8x8 at once (resnet18's, to 16x16)
         return SmallResNet(width=8, stem_stride=size // 8), ["layer2", "fc"], "SmallResNet"
-    return resnet18(num_classes=2), ["layer4.1", "fc"], "torchvision resnet18"
+    # the last basic block and the head; --fast keeps its last BatchNorm and the head
+    tuned = ["layer4.1.bn2", "fc"] if fast else ["layer4.1", "fc"]
+    return resnet18(num_classes=2), tuned, "torchvision resnet18"
 
 
 def train(model, X, y, epochs: int, lr: float = 0.01) -> None:
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
     y_train, flipped = flip_labels(y_clean, 0.05, random_state=0)
 
     start = time.perf_counter()
-    model, tuned, which = make_model(size)
+    model, tuned, which = make_model(size, args.fast)
     train(model, X_train, y_train, epochs=15 if args.fast else 10)
     # freeze the early layers, fine-tune the rest
     for name, p in model.named_parameters():
