@@ -73,7 +73,7 @@ class DirectSolver(Solver):
 
     def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
         p = operator.n_params
-        itemsize = torch.empty((), dtype=operator.adapter.dtype).element_size()
+        itemsize = torch.empty((), dtype=operator.dtype).element_size()
         need = 2 * p * p * itemsize
         if need > MAX_BYTES:
             raise MemoryError(
