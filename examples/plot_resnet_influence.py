@@ -148,9 +148,10 @@ What to look at (figures in {args.output}/):
   flipped labels (marked *): a label the network had to memorise gives a large
   gradient, so such images move the prediction on this test image most, in either
   direction.
-* resnet_influence_by_label.png: most influences are close to zero; correctly
-  labelled images of the test image's class help it on average
-  ({row[same].mean():+.3f}), those of the other class {row[other].mean():+.3f}.
+* resnet_influence_by_label.png: most influences are close to zero and a few
+  images, on both sides, carry the largest ones; the mean influence of correctly
+  labelled images is {row[same].mean():+.3f} for the test image's class and
+  {row[other].mean():+.3f} for the other class.
 * resnet_mean_influence.png: averaged over the test set, the flipped labels gather
   on the harmful side: {flipped[worst].sum()} of the {flipped.sum()} images with the
   lowest average influence are flipped ({flipped.mean():.0%} of all labels are).""")
