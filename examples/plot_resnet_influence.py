@@ -22,8 +22,8 @@ Run::
     python examples/plot_resnet_influence.py OUTPUT_DIR [--fast]
 
 ``--fast`` uses 160 smaller (32x32) training images (used by the test
-suite). Install ``skinfluence[torchvision]`` to run it on resnet18 (slower: about
-4.7 million fine-tuned parameters instead of 3,714).
+suite). With the ``torchvision`` extra (``pip install -e ".[torchvision]"``) it runs
+on resnet18, more slowly: about 4.7 million fine-tuned parameters instead of 3,714.
 """
 
 from __future__ import annotations
