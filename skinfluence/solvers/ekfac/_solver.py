@@ -365,10 +365,14 @@ def kronecker_preconditioner(operator: CurvatureOperator, kind: str, progress=No
         ) from None
     if params != list(a.param_names):
         left = [p for p in a.param_names if p not in params]
+        bn = held_fixed(a.module, left)
+        why = (" (the affine parameters of BatchNorm layers, which the Kronecker factors "
+               "do not cover)" if bn else "")
         raise ValueError(
             f"preconditioner: {kind!r} is built from nn.Linear and nn.Conv2d layers, but "
-            f"the selected parameters {left} belong to none; select them out with params= "
-            "or use preconditioner='nystroem' or 'jacobi'."
+            f"the selected parameters {left} belong to none{why}; select them out with "
+            "params= (they are then held fixed) or use another preconditioner: CG offers "
+            "'nystroem' and 'jacobi'."
         )
     fisher = "empirical" if operator.curvature == "empirical-fisher" else "gauss-newton"
     solver = EkfacSolver(update_diagonal=kind == "ekfac", fisher=fisher)
