@@ -110,9 +110,9 @@ def main(argv=None) -> None:
     cg_seconds = time.perf_counter() - start
 
     shown = [f"{NAMES[g]}*" if f else NAMES[g] for g, f in zip(y_train, flipped, strict=True)]
-    fig = plot_top_influential(row, X_train, n=6, labels=shown, reference=X_test[i],
+    fig = plot_top_influential(row, X_train, n=5, labels=shown, reference=X_test[i],
                                reference_label=NAMES[y_test[i]])
-    fig.savefig(args.output / "resnet_top_influential.png", dpi=110)
+    fig.savefig(args.output / "resnet_top_influential.png", dpi=80)  # noisy pixels: keep it small
     ax = plot_influence_by_label(row, y_train, label_names=NAMES, bins=40, log=True)
     ax.set_title(f"Influence of each training image on test image #{i} (a "
                  f"{NAMES[y_test[i]]}), by training label", fontsize=10)
@@ -130,7 +130,7 @@ def main(argv=None) -> None:
     ax.set_title(f"Average influence of each training image over the {n_test} test "
                  "images (EK-FAC)", fontsize=10)
     ax.figure.savefig(args.output / "resnet_mean_influence.png", dpi=110)
-    helpful, harmful = np.argsort(-row)[:6], np.argsort(row)[:6]
+    helpful, harmful = np.argsort(-row)[:5], np.argsort(row)[:5]
     worst = np.argsort(mean)[: flipped.sum()]
     same = (y_train == y_test[i]) & ~flipped
     other = (y_train != y_test[i]) & ~flipped
@@ -143,8 +143,8 @@ BatchNorm's affine parameters fixed ({len(ekfac.fixed_params_)} tensors): it tak
 for neither.
 
 What to look at (figures in {args.output}/):
-* resnet_top_influential.png: {flipped[helpful].sum()} of the 6 most helpful and
-  {flipped[harmful].sum()} of the 6 most harmful training images for test image #{i} have
+* resnet_top_influential.png: {flipped[helpful].sum()} of the 5 most helpful and
+  {flipped[harmful].sum()} of the 5 most harmful training images for test image #{i} have
   flipped labels (marked *): a label the network had to memorise gives a large
   gradient, so such images move the prediction on this test image most, in either
   direction.
