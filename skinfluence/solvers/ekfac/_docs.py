@@ -79,8 +79,9 @@ NOTES = """
     BatchNorm included, on ``skinfluence.datasets.SmallResNet(width=4)`` with its
     stem and first block frozen (962 trainable parameters, 48 of them BatchNorm),
     64 training images 3x16x16: held fixed 0.930 and 0.951, with a diagonal block
-    0.897 and 0.931 (regularization 0.01 and 0.1); with 1,000 training images
-    of 32x32 (``benchmarks/results/cnn.md``), held fixed 0.978, with the block 0.968. Their share of
+    0.897 and 0.931 (regularization 0.01 and 0.1); with 1,000 and 2,000
+    training images of 32x32 (``benchmarks/results/cnn.md``), held fixed 0.978 and
+    0.781, with the block 0.968 and 0.686. Their share of
     the influences is small: conjugate gradients without them correlates 0.994 to
     0.999 with conjugate gradients with them. To take them into account exactly, use
     another method."""
