@@ -269,7 +269,9 @@ def plot_top_influential(
         point.
     X : array-like of shape (n_samples, n_features) or (n_samples, h, w)
         The samples. Images are drawn when ``image_shape`` is given or ``X`` is 3-d
-        (or 4-d with one channel); otherwise rows are shown as a table.
+        (or 4-d with one channel); colour images of shape (n_samples, 3, h, w), as
+        torch's ``nn.Conv2d`` takes them, are drawn in colour, each scaled to its own
+        range. Otherwise rows are shown as a table.
     n : int, default=5
         How many samples to show at each end.
     labels : array-like of shape (n_samples,), default=None
@@ -306,6 +308,10 @@ def plot_top_influential(
     ['test point', 'label 7']
     >>> [fig.axes[c].get_ylabel() for c in (1, 5)]
     ['most helpful', 'most harmful']
+    >>> rgb = rng.random((20, 3, 8, 8))  # colour images, channels first
+    >>> fig = plot_top_influential(values, rgb, n=2, reference=rgb[0])
+    >>> fig.axes[1].get_images()[0].get_array().shape
+    (8, 8, 3)
     >>> fig = plot_top_influential(values, X[:, :4], n=2, feature_names=list("abcd"))
     >>> fig.axes[0].get_title()
     'most helpful and most harmful samples'
@@ -321,9 +327,15 @@ def plot_top_influential(
     if lab is not None:
         _check_same_length(v, lab, "values", "labels")
 
+    colour = image_shape is None and X.ndim == 4 and X.shape[1] == 3
     as_images = image_shape is not None or X.ndim == 3 or (X.ndim == 4 and X.shape[1] == 1)
-    if as_images:
-        shape = tuple(image_shape) if image_shape is not None else X.shape[-2:]
+    if colour:
+        X = _rgb(X)
+        reference = None if reference is None else _rgb(np.asarray(reference)[None])[0]
+        shape = X.shape[1:]
+    if as_images or colour:
+        if not colour:
+            shape = tuple(image_shape) if image_shape is not None else X.shape[-2:]
         if int(np.prod(shape)) != int(np.prod(X.shape[1:])):
             raise ValueError(
                 f"image_shape {shape} does not match samples of {int(np.prod(X.shape[1:]))} "
@@ -381,6 +393,14 @@ def plot_top_influential(
             table[r + 1, c].set_facecolor(shade)
     ax.set_title("most helpful and most harmful samples" + _for_label(reference_label))
     return fig
+
+
+def _rgb(X: np.ndarray) -> np.ndarray:
+    """Channels-first colour images -> channels last, each scaled to [0, 1]."""
+    X = np.moveaxis(np.asarray(X, dtype=float), 1, -1)
+    low = X.min(axis=(1, 2, 3), keepdims=True)
+    span = X.max(axis=(1, 2, 3), keepdims=True) - low
+    return (X - low) / np.where(span > 0, span, 1.0)
 
 
 def _for_label(reference_label) -> str:

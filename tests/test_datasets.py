@@ -91,3 +91,20 @@ def test_a_series_keeps_its_index_name_and_dtype():
     a_noisy, a_flipped = flip_labels(y.to_numpy(), 0.25, random_state=0)
     np.testing.assert_array_equal(y_noisy.to_numpy(), a_noisy)
     np.testing.assert_array_equal(flipped.to_numpy(), a_flipped)
+
+
+def test_two_class_images_squares_are_filled_and_rings_hollow():
+    from skinfluence.datasets import make_two_class_images
+
+    X, y = make_two_class_images(40, size=16, noise=0.0, random_state=3)
+    X2, y2 = make_two_class_images(40, size=16, noise=0.0, random_state=3)
+    np.testing.assert_array_equal(X, X2)
+    np.testing.assert_array_equal(y, y2)
+    assert X.shape == (40, 3, 16, 16) and set(y.tolist()) == {0, 1}
+    for img, label in zip(X, y, strict=True):
+        lit = img[0] > 0
+        rows, cols = np.nonzero(lit)
+        box = lit[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() == (label == 0)  # a square fills its box, a ring leaves a hole
+    with pytest.raises(ValueError, match="size must be at least 8"):
+        make_two_class_images(4, size=6)

@@ -21,6 +21,9 @@ FIGURES = {
     "plot_digits_cnn.py": [
         "digits_influence_by_label.png", "digits_top_influential.png", "digits_suspects.png",
     ],
+    "plot_resnet_influence.py": [
+        "resnet_top_influential.png", "resnet_influence_by_label.png", "resnet_mean_influence.png",
+    ],
     "plot_tuning_gridsearch.py": ["tuning_grid.png"],
     "plot_trust_digits.py": ["trust_digits.png"],
     "plot_removal_effects.py": ["removal_source.png", "removal_by_size.png"],

@@ -7,7 +7,12 @@ import torch
 from .._linalg import not_positive_definite
 from ._base import CurvatureOperator, Solver
 
-__all__ = ["DirectSolver"]
+__all__ = ["MAX_BYTES", "DirectSolver"]
+
+#: The most memory the Direct method's p x p matrix and its Cholesky factor may take
+#: (``2 * p**2`` numbers); above it ``fit`` refuses before any work. Raise it here
+#: on a machine with the memory to spare.
+MAX_BYTES = 8 * 2**30
 
 
 class DirectSolver(Solver):
@@ -48,7 +53,10 @@ class DirectSolver(Solver):
     raises = """
     NotPositiveDefiniteError
         From ``fit``, when the curvature plus ``regularization`` is not positive
-        definite; the message suggests a regularization that is."""
+        definite; the message suggests a regularization that is.
+    MemoryError
+        From ``fit``, before any work, when the p x p matrix and its factor would
+        take more than ``skinfluence.solvers.direct.MAX_BYTES`` (8 GiB)."""
     examples = """
     >>> from sklearn.datasets import load_breast_cancer
     >>> from sklearn.linear_model import LogisticRegression
@@ -62,6 +70,20 @@ class DirectSolver(Solver):
     (10, 200)
     >>> scorer.self_influence().shape
     (200,)"""
+
+    def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
+        p = operator.n_params
+        itemsize = torch.empty((), dtype=operator.dtype).element_size()
+        need = 2 * p * p * itemsize
+        if need > MAX_BYTES:
+            raise MemoryError(
+                f"params: the Direct method forms the {p} x {p} curvature and its "
+                f"Cholesky factor, {need / 2**30:.3g} GiB, above its bound of "
+                f"{MAX_BYTES / 2**30:.3g} GiB (skinfluence.solvers.direct.MAX_BYTES). "
+                "Select fewer parameters with params= (e.g. the last layers), or use a "
+                "method that never forms the matrix: CgInfluenceScorer, "
+                "ArnoldiInfluenceScorer, NystroemInfluenceScorer or EkfacInfluenceScorer."
+            )
 
     def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
         A = operator.dense(progress)

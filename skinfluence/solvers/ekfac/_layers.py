@@ -15,11 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.utils import _pair
 
 from ..._modules import parameter_owners
 
-__all__ = ["Conv2dLayer", "LinearLayer", "build_layers", "select_layers"]
+__all__ = ["Conv2dLayer", "LinearLayer", "build_layers", "held_fixed", "select_layers"]
 
 
 class KroneckerLayer:
@@ -157,8 +158,26 @@ def _layer_type(m: nn.Module) -> type:
     raise KeyError(type(m).__name__)  # pragma: no cover - callers check _supported
 
 
+def held_fixed(module: nn.Module, param_names) -> list[str]:
+    """The selected parameters EK-FAC holds fixed: the affine parameters (weight
+    and bias) of BatchNorm layers.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    >>> held_fixed(net, ["0.weight", "0.bias", "1.weight", "1.bias"])
+    ['1.weight', '1.bias']
+    """
+    owners = parameter_owners(module)
+    return [n for n in param_names if n in owners and isinstance(owners[n][1], _BatchNorm)]
+
+
 def select_layers(module: nn.Module, param_names, layers=None) -> tuple[list[str], list[str]]:
     """The layers EK-FAC works on and the parameters they take into account.
+
+    The affine parameters of BatchNorm layers are left out (held fixed, see
+    :func:`held_fixed`), whether or not they are selected.
 
     Parameters
     ----------
@@ -184,7 +203,14 @@ def select_layers(module: nn.Module, param_names, layers=None) -> tuple[list[str
     (['2'], ['2.weight', '2.bias'])
     """
     owners = {n: (mname, m) for n, (mname, m, _) in parameter_owners(module).items()}
-    selected = [n for n in param_names if n in owners]
+    fixed = held_fixed(module, param_names)
+    selected = [n for n in param_names if n in owners and n not in fixed]
+    if not selected and fixed:
+        raise ValueError(
+            f"params: the selected parameters {fixed} all belong to BatchNorm layers, "
+            "whose affine parameters EK-FAC holds fixed; select parameters of nn.Linear "
+            "or nn.Conv2d layers, or use another method (e.g. CgInfluenceScorer)."
+        )
     if layers is None:
         names = []
         for n in selected:
@@ -221,9 +247,11 @@ def select_layers(module: nn.Module, param_names, layers=None) -> tuple[list[str
                     f"nn.Conv2d layers are {avail}."
                 ) from exc
             if not _supported(m):
+                why = (" (the affine parameters of BatchNorm layers are held fixed)"
+                       if isinstance(m, _BatchNorm) else "")
                 raise ValueError(
                     f"layers: {_describe(w, m)} is not supported; EK-FAC handles "
-                    "nn.Linear and nn.Conv2d layers only."
+                    f"nn.Linear and nn.Conv2d layers only{why}."
                 )
             if not any(owners[n][0] == w for n in selected):
                 raise ValueError(

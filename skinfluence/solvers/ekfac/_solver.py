@@ -31,7 +31,7 @@ from .._base import CurvatureOperator, Solver
 from . import _docs
 from ._factors import Passes, corrected_eigenvalues, kfac_factors, layer_data, nearest_kronecker
 from ._fisher import require_sampler, sampler_for
-from ._layers import build_layers, select_layers
+from ._layers import build_layers, held_fixed, select_layers
 
 __all__ = ["EkfacSolver", "kronecker_preconditioner"]
 
@@ -87,6 +87,9 @@ class EkfacSolver(Solver):
 
     # ------------------------------------------------------------ parameters
     def select_parameters(self, module, param_names):
+        # the BatchNorm parameters among those selected are recorded: they are held
+        # fixed on purpose (see the scorer's Notes), not lost
+        self.fixed_params_ = held_fixed(module, param_names)
         return select_layers(module, param_names, self.layers)[1]
 
     # ------------------------------------------------------------ fit
@@ -102,6 +105,8 @@ class EkfacSolver(Solver):
                 f"layers: the parameters {left} are selected but belong to no layer EK-FAC "
                 "works on; select them out with params= or add their layers."
             )
+        if not hasattr(self, "fixed_params_"):  # fitted directly, not through a scorer
+            self.fixed_params_ = []
         self.layers_ = build_layers(a, names)
         self.layer_names_ = list(names)
         self.batch_size_ = operator.batch_size
@@ -360,10 +365,14 @@ def kronecker_preconditioner(operator: CurvatureOperator, kind: str, progress=No
         ) from None
     if params != list(a.param_names):
         left = [p for p in a.param_names if p not in params]
+        bn = held_fixed(a.module, left)
+        why = (" (the affine parameters of BatchNorm layers, which the Kronecker factors "
+               "do not cover)" if bn else "")
         raise ValueError(
             f"preconditioner: {kind!r} is built from nn.Linear and nn.Conv2d layers, but "
-            f"the selected parameters {left} belong to none; select them out with params= "
-            "or use preconditioner='nystroem' or 'jacobi'."
+            f"the selected parameters {left} belong to none{why}; select them out with "
+            "params= (they are then held fixed) or use another preconditioner: CG offers "
+            "'nystroem' and 'jacobi'."
         )
     fisher = "empirical" if operator.curvature == "empirical-fisher" else "gauss-newton"
     solver = EkfacSolver(update_diagonal=kind == "ekfac", fisher=fisher)
