@@ -12,6 +12,7 @@ fitted attributes follow from that declaration.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import textwrap
 import warnings
 from numbers import Integral, Real
@@ -65,9 +66,21 @@ evaluated in eval mode and handed back in the mode it came in."""),
 last layer); the others are held fixed. None uses every parameter that
 requires gradients; ``"last-layer"`` those of the module holding the model's
 last trainable parameter."""),
-        Param("regularization", 0.01, [Interval(Real, 0, None, closed="left")], "float", """lambda added to the curvature, in the units of torch's ``weight_decay``. For
-sklearn linear models the model's own L2 penalty is already included, so 0
-gives the Hessian of the model's objective."""),
+        Param("regularization", "auto", [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})], 'float or "auto"', """lambda added to the curvature, in the units of torch's ``weight_decay``. For
+sklearn models the model's own L2 penalty is already included, so 0 gives the
+Hessian of the model's objective. ``"auto"`` picks lambda at ``fit`` from the
+extreme eigenvalues of the curvature plus penalty (the Direct method's dense
+matrix; for the others a 32-vector Lanczos run, whose smallest eigenvalue is
+an estimate): ``lambda = max(rho * lambda_max, 1.5 max(0, -lambda_min) +
+1e-6 max(lambda_max, 1))`` (the second term rounded up to one significant
+digit), so that the curvature plus lambda is positive definite. ``rho = 1e-3``
+for torch and skorch models (measured against retraining:
+``benchmarks/results/auto_regularization.md``); ``rho = 0`` for sklearn
+models, whose objective is known, and auto gives 0 there unless the curvature
+is singular or not positive definite (or the method needs ``lambda > 0``: a
+partial rank, a Kronecker preconditioner, which get ``rho = 1e-3`` too). The
+value used is ``regularization_``; tuning it against retraining goes through
+:class:`skinfluence.evaluation.Counterfactuals` and ``GridSearchCV``."""),
         Param("mode", "up", [StrOptions({"up", "perturbation"})], '{"up", "perturbation"}', """"up": influence of upweighting (removing) a training point. "perturbation":
 its derivative with respect to the training point's features."""),
         Param("hessian", "exact", [StrOptions({"exact", "gauss-newton", "empirical-fisher"})], '{"exact", "gauss-newton", "empirical-fisher"}', """The curvature: the Hessian, the generalized Gauss-Newton matrix (positive
@@ -92,6 +105,9 @@ _COMMON_ATTRIBUTES = """
     operator_ : CurvatureOperator
         The curvature the solver was fitted on (training data, curvature,
         regularization, batch size).
+    regularization_ : float
+        The regularization lambda used: ``regularization`` itself, or the value
+        ``"auto"`` resolved to (0 for a method without curvature).
     n_train_ : int
         Number of training points given to ``fit``.
     n_features_in_ : int
@@ -297,13 +313,20 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
         adapter.bind(Xt, X.shape[0])
         Yt = adapter.targets(y, "y")
         curvature = solver.curvature or self.hessian
+        regularization = getattr(self, "regularization", 0.0)
+        auto = isinstance(regularization, str)  # "auto", the only string allowed
         operator = CurvatureOperator(
-            adapter, Xt, Yt, curvature, float(getattr(self, "regularization", 0.0)),
+            adapter, Xt, Yt, curvature, 0.0 if auto else float(regularization),
             int(self.batch_size),
         )
+        progress = _progress(self.progress)
         with adapter.eval_mode():
             _check_differentiable(adapter, Xt, Yt)
-            solver.fit(operator, progress=_progress(self.progress), mode=self.mode)
+            if auto:
+                lam = solver.auto_regularization(operator, progress)
+                operator = dataclasses.replace(operator, regularization=lam)
+            solver.fit(operator, progress=progress, mode=self.mode)
+        self.regularization_ = float(operator.regularization)
         self.adapter_ = adapter
         self.solver_ = solver
         self.operator_ = operator

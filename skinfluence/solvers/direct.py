@@ -63,8 +63,22 @@ class DirectSolver(Solver):
     >>> scorer.self_influence().shape
     (200,)"""
 
-    def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
+    def spectrum(self, operator: CurvatureOperator, progress=None) -> tuple[float, float]:
+        """The exact extreme eigenvalues of the dense ``C + P``, kept for ``fit``."""
         A = operator.dense(progress)
+        A.diagonal().sub_(operator.regularization)
+        self._unregularized = A
+        eig = torch.linalg.eigvalsh(A.double()) if bool(torch.isfinite(A).all()) else None
+        if eig is None:
+            return 0.0, 0.0  # fit reports the non-finite curvature
+        return float(eig[0]), float(eig[-1])
+
+    def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
+        A = self.__dict__.pop("_unregularized", None)
+        if A is None:
+            A = operator.dense(progress)
+        else:  # the matrix ``spectrum`` formed, without regularization
+            A.diagonal().add_(operator.regularization)
         if not bool(torch.isfinite(A).all()):
             raise ValueError(
                 "X: the curvature is not finite (inf or NaN): the inputs or the model's "
