@@ -69,24 +69,30 @@ last trainable parameter."""),
         Param("regularization", "auto", [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})], 'float or "auto"', """lambda added to the curvature, in the units of torch's ``weight_decay``. For
 sklearn models the model's own L2 penalty is already included, so 0 gives the
 Hessian of the model's objective. ``"auto"`` picks lambda at ``fit`` from the
-extreme eigenvalues of the curvature plus penalty (the Direct method's dense
-matrix; for the others a 32-vector Lanczos run, whose smallest eigenvalue is
-an estimate): ``lambda = max(rho * lambda_max, 1.5 max(0, -lambda_min) +
-1e-6 max(lambda_max, 1))`` (the second term rounded up to one significant
-digit), so that the curvature plus lambda is positive definite. ``rho = 1e-3``
-for torch and skorch models (measured against retraining:
-``benchmarks/results/auto_regularization.md``); ``rho = 0`` for sklearn
-models, whose objective is known, and auto gives 0 there unless the curvature
-is singular or not positive definite (or the method needs ``lambda > 0``: a
-partial rank, a Kronecker preconditioner, which get ``rho = 1e-3`` too). The
-value used is ``regularization_``; tuning it against retraining goes through
-:class:`skinfluence.evaluation.Counterfactuals` and ``GridSearchCV``."""),
+extreme eigenvalues of the curvature plus penalty (those of the Direct
+method's dense matrix; for the other methods, estimates from a short Lanczos
+run): ``lambda = max(rho * lambda_max, 1.5 max(0, -lambda_min) + 1e-6
+max(lambda_max, 1))``, the second term rounded up to one significant digit,
+so that the curvature plus lambda is positive definite. ``rho = 0.1`` for
+torch and skorch models, the best of five decades against retraining on two
+networks (``benchmarks/results/auto_regularization.md``); ``rho = 0`` for
+sklearn models, whose objective is known: auto gives 0 there unless the
+curvature is singular or indefinite, or the method needs ``lambda > 0`` (a
+partial ``rank``, a Kronecker preconditioner), which gets ``rho = 0.1``. The
+value used is ``regularization_``. To tune lambda against retraining instead,
+search a grid with ``GridSearchCV`` and
+:class:`skinfluence.evaluation.Counterfactuals` (``cv()``, ``scorer()``)."""),
         Param("mode", "up", [StrOptions({"up", "perturbation"})], '{"up", "perturbation"}', """"up": influence of upweighting (removing) a training point. "perturbation":
 its derivative with respect to the training point's features."""),
         Param("hessian", "exact", [StrOptions({"exact", "gauss-newton", "empirical-fisher"})], '{"exact", "gauss-newton", "empirical-fisher"}', """The curvature: the Hessian, the generalized Gauss-Newton matrix (positive
 semi-definite, useful for non-convex networks), or the empirical Fisher, the
 mean of the outer products of the per-sample gradients at the given labels
-(positive semi-definite; it equals neither away from a perfect fit)."""),
+(positive semi-definite; it equals neither away from a perfect fit). With
+``regularization="auto"`` the Gauss-Newton matrix scored no better than the
+Hessian against retraining on two networks (equal at ``rho = 0.1``, worse at
+smaller damping, where the Hessian's negative eigenvalues set lambda):
+prefer "exact", and "gauss-newton" where the Hessian's negative end is not
+known well enough for a positive definite solve."""),
         Param("batch_size", 256, [Interval(Integral, 1, None, closed="left")], "int",
               "Samples per step of every computation; bounds peak memory."),
         Param("dtype", None, "no_validation", '{None, "float32", "float64"}',

@@ -24,9 +24,11 @@ from skinfluence import (
     GradientSimilarityScorer,
     MislabelDetector,
 )
+from skinfluence._linalg import auto_regularization
 from skinfluence.solvers import DirectSolver, NotPositiveDefiniteError
+from skinfluence.solvers import _base as solvers_base
 
-RHO = 1e-3  # the documented rho of a network
+RHO = 0.1  # the documented rho of a network
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +90,13 @@ def test_auto_equals_the_documented_rule(mlp):
     model, X, y, _, _ = mlp
     e = torch.linalg.eigvalsh(exact_hessian(model, X, y))
     lowest, highest = float(e[0]), float(e[-1])
-    assert lowest < 0  # a non-convex case: the safety term decides
+    assert lowest < 0  # a non-convex case
     scorer = DirectInfluenceScorer(model, loss=F.cross_entropy).fit(X, y)
     assert scorer.regularization_ == pytest.approx(documented_rule(lowest, highest, RHO), rel=1e-9)
+    # where rho is small, the safety term decides
+    assert documented_rule(lowest, highest, 1e-3) > 1e-3 * highest
+    assert auto_regularization(lowest, highest, 1e-3) == pytest.approx(
+        documented_rule(lowest, highest, 1e-3), rel=1e-12)
     assert isinstance(scorer.regularization_, float)
     assert scorer.operator_.regularization == scorer.regularization_
     assert scorer.solver_.regularization_ == scorer.regularization_
@@ -203,7 +209,7 @@ def test_regularization_is_validated(mlp, bad):
 
 def test_detector_falls_back_to_gauss_newton_with_auto(mlp, monkeypatch):
     """Where auto's estimate misses negative curvature (here: told the smallest
-    eigenvalue is 0), the exact Hessian fails; the detector scores with the
+    eigenvalue is 0, with a weak rho), the exact Hessian fails; the detector scores with the
     Gauss-Newton matrix and auto instead, and says so."""
     from skorch import NeuralNetClassifier
 
@@ -222,6 +228,7 @@ def test_detector_falls_back_to_gauss_newton_with_auto(mlp, monkeypatch):
         return 0.0, top
 
     monkeypatch.setattr(DirectSolver, "spectrum", missed)
+    monkeypatch.setattr(solvers_base, "AUTO_RELATIVE_DAMPING", 1e-3)  # a weak damping
     with pytest.raises(NotPositiveDefiniteError):  # what the detector meets
         DirectInfluenceScorer(net).fit(X, y)
     with warnings.catch_warnings(record=True) as caught:
