@@ -393,6 +393,12 @@ class ModelAdapter:
                 m.training = mode
 
     # ----------------------------------------------------------- data
+    @property
+    def knows_objective(self) -> bool:
+        """The estimator's objective is known (an sklearn model, with its own penalty
+        or none): its curvature needs no damping beyond positive definiteness."""
+        return self.penalty_factory is not None
+
     def bind(self, X: torch.Tensor, n_train: int, weight_sum: float | None = None) -> None:
         """Learn what only data can tell (output width) and build the penalty.
 

@@ -584,10 +584,12 @@ class MislabelDetector(OneToOneFeatureMixin, MetaEstimatorMixin, BaseEstimator):
             if scorer.get_params().get("hessian") != "exact":
                 raise
             # the Gauss-Newton matrix is only semi-definite: it needs some regularization
+            # ("auto" gives it, from the Gauss-Newton matrix's own top eigenvalue)
             reg = scorer.get_params().get("regularization", 0.0) or DEFAULT_REGULARIZATION
+            shown = f"{reg!r}" if isinstance(reg, str) else f"{reg:g}"
             warnings.warn(
                 f"MislabelDetector: {str(exc).strip()} Scoring this model with "
-                f"hessian='gauss-newton' and regularization={reg:g} instead; pass a scorer "
+                f"hessian='gauss-newton' and regularization={shown} instead; pass a scorer "
                 "with hessian='gauss-newton' (or a larger regularization) to silence this "
                 "warning.",
                 ConvergenceWarning,

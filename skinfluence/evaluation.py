@@ -535,7 +535,7 @@ class Counterfactuals(BaseEstimator):
             fitted = clone(s).fit(self.X_train_, self.y_train_)
             I = _influence_matrix(fitted, self, points)
             seconds = time.perf_counter() - start
-            row = {"name": names[k] if names is not None else _describe(s), "seconds": seconds}
+            row = {"name": names[k] if names is not None else _describe(fitted), "seconds": seconds}
             if self.n_subsets:
                 lds = linear_datamodeling_score(I, self, points=points)
                 row.update(lds=lds.score, lds_stderr=lds.stderr)
@@ -548,7 +548,15 @@ class Counterfactuals(BaseEstimator):
 
 def _describe(s) -> str:
     p = s.get_params(deep=False)
-    bits = [f"reg={p['regularization']:g}"] if "regularization" in p else []
+    bits = []
+    if "regularization" in p:
+        reg = p["regularization"]
+        if not isinstance(reg, str):
+            bits.append(f"reg={reg:g}")
+        elif hasattr(s, "regularization_"):
+            bits.append(f"reg={reg} ({s.regularization_:.2g})")
+        else:
+            bits.append(f"reg={reg}")
     if "rank" in p and type(s).__name__ != "CgInfluenceScorer":
         bits.append(f"rank={p['rank']}")
     if p.get("hessian", "exact") != "exact":

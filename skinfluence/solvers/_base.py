@@ -38,7 +38,12 @@ import torch
 from .._adapters import ModelAdapter
 from .._data import Rows
 from .._gradients import batch_slices, curvature_mv, gradient_products, per_sample_grads
-from .._linalg import NotPositiveDefiniteError
+from .._linalg import (
+    AUTO_RELATIVE_DAMPING,
+    NotPositiveDefiniteError,
+    auto_regularization,
+    spectrum_ends,
+)
 
 __all__ = [
     "Attribute",
@@ -508,6 +513,37 @@ class Solver:
         """Cheap checks of the method's parameters against the problem and the
         scorer's ``mode``, before any work (rank against the number of parameters,
         say)."""
+
+    def needs_regularization(self, operator: CurvatureOperator) -> bool:
+        """Whether the method, at its settings, needs ``regularization > 0`` (a
+        partial rank inverted as ``1 / lambda`` on the complement, a Kronecker
+        preconditioner)."""
+        return False
+
+    def spectrum(self, operator: CurvatureOperator, progress=None) -> tuple[float, float]:
+        """Smallest and largest eigenvalue of ``C + P`` (no regularization).
+
+        A short Lanczos run on ``operator.curvature_mv`` (:func:`spectrum_ends`): 128
+        products for the exact Hessian, whose negative end converges slowly (it sits
+        in a cluster near 0), 32 for a positive semi-definite curvature, where only
+        the top matters; exact up to that many parameters, estimates beyond (the
+        smallest an upper bound). The Direct method overrides it with the dense
+        matrix's eigenvalues.
+        """
+        k = 128 if operator.curvature == "exact" else 32
+        return spectrum_ends(operator.curvature_mv, operator.n_params, operator.device, k)
+
+    def auto_regularization(self, operator: CurvatureOperator, progress=None) -> float:
+        """The regularization ``"auto"`` gives on ``operator`` (whose own is ignored).
+
+        ``rho`` is :data:`~skinfluence._linalg.AUTO_RELATIVE_DAMPING` for a torch or
+        skorch model, or for any model where :meth:`needs_regularization`; 0 for an
+        sklearn model, whose objective (with its own penalty) the curvature already
+        is. See :func:`~skinfluence._linalg.auto_regularization`.
+        """
+        lowest, highest = self.spectrum(operator, progress)
+        damped = not operator.adapter.knows_objective or self.needs_regularization(operator)
+        return auto_regularization(lowest, highest, AUTO_RELATIVE_DAMPING if damped else 0.0)
 
     def fit(self, operator: CurvatureOperator, progress=None, mode: str = "up") -> Solver:
         """Build the approximation of ``A`` from ``operator``; returns self."""

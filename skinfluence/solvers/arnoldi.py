@@ -138,6 +138,9 @@ decreasing order of magnitude."""),
     >>> scorer.influences(X[200:210], y[200:210]).shape
     (10, 200)"""
 
+    def needs_regularization(self, operator: CurvatureOperator) -> bool:
+        return self.rank < operator.n_params
+
     def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
         p = operator.n_params
         check_rank(self.rank, p, float(operator.regularization), self.scorer_name)

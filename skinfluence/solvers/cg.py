@@ -202,6 +202,9 @@ the most recent call that solved systems.""", when="solve"),
     >>> bool(np.allclose(I, exact.fit(X[:200], y[:200]).influences(X[200:210], y[200:210])))
     True"""
 
+    def needs_regularization(self, operator: CurvatureOperator) -> bool:
+        return self.preconditioner in ("ekfac", "kfac")
+
     def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
         p = operator.n_params
         if self.preconditioner == "nystroem" and self.rank > p:

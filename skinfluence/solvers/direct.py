@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .._linalg import not_positive_definite
+from .._linalg import not_positive_definite, spectrum_ends
 from ._base import CurvatureOperator, Solver
 
 __all__ = ["MAX_BYTES", "DirectSolver"]
@@ -12,6 +12,10 @@ __all__ = ["MAX_BYTES", "DirectSolver"]
 #: The most memory the Direct method's p x p matrix and its Cholesky factor may take
 #: (``2 * p**2`` numbers); above it ``fit`` refuses before any work. Raise it here
 #: on a machine with the memory to spare.
+#: Above this many parameters ``regularization="auto"`` estimates the extreme
+#: eigenvalues of the dense matrix by Lanczos instead of a full eigendecomposition.
+EXACT_SPECTRUM_MAX = 4096
+
 MAX_BYTES = 8 * 2**30
 
 
@@ -85,8 +89,29 @@ class DirectSolver(Solver):
                 "ArnoldiInfluenceScorer, NystroemInfluenceScorer or EkfacInfluenceScorer."
             )
 
-    def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
+    def spectrum(self, operator: CurvatureOperator, progress=None) -> tuple[float, float]:
+        """The extreme eigenvalues of the dense ``C + P``, which is kept for ``fit``:
+        exact up to :data:`EXACT_SPECTRUM_MAX` parameters; beyond, where a full
+        eigendecomposition would cost several Cholesky factorisations, the same
+        128-step Lanczos run as the other methods, on the dense matrix."""
+        self.check(operator)
         A = operator.dense(progress)
+        A.diagonal().sub_(operator.regularization)
+        self._unregularized = A
+        if not bool(torch.isfinite(A).all()):
+            return 0.0, 0.0  # fit reports the non-finite curvature
+        if A.shape[0] > EXACT_SPECTRUM_MAX:
+            return spectrum_ends(lambda V: (V.to(A.dtype) @ A).to(torch.float64),
+                                 A.shape[0], A.device, 128)
+        eig = torch.linalg.eigvalsh(A.double())
+        return float(eig[0]), float(eig[-1])
+
+    def _fit(self, operator: CurvatureOperator, progress=None) -> DirectSolver:
+        A = self.__dict__.pop("_unregularized", None)
+        if A is None:
+            A = operator.dense(progress)
+        else:  # the matrix ``spectrum`` formed, without regularization
+            A.diagonal().add_(operator.regularization)
         if not bool(torch.isfinite(A).all()):
             raise ValueError(
                 "X: the curvature is not finite (inf or NaN): the inputs or the model's "

@@ -186,6 +186,9 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
     >>> bool(np.corrcoef(I.ravel(), exact.influences(X[200:210], y[200:210]).ravel())[0, 1] > 0.999)
     True"""
 
+    def needs_regularization(self, operator: CurvatureOperator) -> bool:
+        return self.preconditioner in ("ekfac", "kfac")
+
     def _fit(self, operator: CurvatureOperator, progress=None) -> LissaSolver:
         rng = check_random_state(self.random_state)
         lam = self.regularization_

@@ -121,6 +121,9 @@ class NystroemSolver(Solver):
     >>> bool(np.allclose(I, J, rtol=1e-3, atol=1e-3 * np.abs(J).max()))
     True"""
 
+    def needs_regularization(self, operator: CurvatureOperator) -> bool:
+        return self.rank < operator.n_params
+
     def check(self, operator: CurvatureOperator, mode: str = "up") -> None:
         check_rank(self.rank, operator.n_params, float(operator.regularization), self.scorer_name)
 
