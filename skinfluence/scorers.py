@@ -202,7 +202,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
     >>> issubclass(CgInfluenceScorer, InfluenceScorer)
     True
     >>> sorted(CgInfluenceScorer().get_params())[:3]
-    ['atol', 'batch_size', 'device']
+    ['atol', 'batch_size', 'block_structure']
     """
 
     #: The solver class of the method (set on each named scorer).
