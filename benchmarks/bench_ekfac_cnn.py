@@ -67,8 +67,7 @@ REG = 0.01
 BATCH = 256
 #: label -> EkfacInfluenceScorer settings
 OURS = [
-    ("EK-FAC default", {}),
-    ("basis_iter=2 (previous default)", {"basis_iter": 2}),
+    ("EK-FAC default (Gauss-Newton, basis_iter=2)", {}),
     ("basis_iter=1", {"basis_iter": 1}),
     ("basis_iter=0 (K-FAC eigenbasis)", {"basis_iter": 0}),
     ("fisher='true', basis_iter=2", {"fisher": "true", "basis_iter": 2, "random_state": 0}),
