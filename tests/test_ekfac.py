@@ -625,3 +625,12 @@ def test_binary_logistic_regression(cancer):
     # eigenbasis of E[a a^T], a rough approximation
     r = pearsonr(s.transform(Xte, yte).ravel(), di.transform(Xte, yte).ravel())[0]
     assert r > 0.85
+
+
+def test_subnormal_flushing_is_left_off_afterwards(torch_mlp, wine):
+    """Fit and influences run with subnormal floats flushed to zero (a CPU speed-up);
+    the mode must not leak out to the caller's arithmetic."""
+    Xtr, ytr, Xte, yte = wine
+    _ekfac(torch_mlp).fit(Xtr, ytr).influences(Xte, yte)
+    tiny = torch.tensor([1e-20], dtype=torch.float32) * torch.tensor([1e-20], dtype=torch.float32)
+    assert float(tiny[0]) > 0  # 1e-40 is subnormal in float32

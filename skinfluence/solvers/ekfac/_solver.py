@@ -21,6 +21,7 @@ dimension first.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,29 @@ __all__ = ["EkfacSolver", "kronecker_preconditioner"]
 # Elements of the (test rows x layer outputs x train batch) intermediate of one
 # pairwise contraction; bounds its memory (64 MiB in float32).
 _CHUNK_ELEMENTS = 1 << 24
+
+
+def _flushing_subnormals(method):
+    """Run ``method`` with subnormal floats flushed to zero (where the CPU supports it).
+
+    The output gradients of confidently fitted samples, and the Gauss-Newton columns
+    ``sqrt(p_k) (e_k - p)`` of unlikely classes, are tiny; in float32 their products
+    underflow to subnormal numbers, on which x86 CPUs compute many times slower (the
+    influences of the small CNN in ``benchmarks/results/ekfac_cnn.md`` took 5.7x as
+    long). Flushing changes each such product by less than the smallest normal
+    number (1.2e-38 in float32). The mode is left off afterwards.
+    """
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        supported = torch.set_flush_denormal(True)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            if supported:
+                torch.set_flush_denormal(False)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,7 @@ class EkfacSolver(Solver):
         return select_layers(module, param_names, self.layers)[1]
 
     # ------------------------------------------------------------ fit
+    @_flushing_subnormals
     def _fit(self, operator: CurvatureOperator, progress=None) -> EkfacSolver:
         a = operator.adapter
         X, Y, n = operator.X, operator.Y, operator.n_train
@@ -211,6 +236,7 @@ class EkfacSolver(Solver):
             out[name] = (act.to(qa.dtype) @ qa, g[0].to(qs.dtype) @ qs)
         return out
 
+    @_flushing_subnormals
     def solve(self, G: torch.Tensor, report=None) -> torch.Tensor:
         mats = {}
         for lay in self.layers_:
@@ -230,6 +256,7 @@ class EkfacSolver(Solver):
             mats[lay.name] = qs @ ((qs.T @ M @ qa) * self.inverse_[lay.name].sqrt()) @ qa.T
         return self.from_layers(mats)
 
+    @_flushing_subnormals
     def factors(self, X, Y, report=None) -> torch.Tensor:
         parts = []
         for name, (aq, gq) in self._projected(X, Y).items():
@@ -255,6 +282,7 @@ class EkfacSolver(Solver):
     def pairwise(self, F, X, Y):
         return sum(self.pairwise_blocks(F, X, Y).values())
 
+    @_flushing_subnormals
     def pairwise_blocks(self, F: torch.Tensor, X, Y) -> dict:
         """Per layer: ``F . grad l(x_j, y_j)`` for the batch (X, Y), (n_test, b).
 
@@ -288,6 +316,7 @@ class EkfacSolver(Solver):
                 out[name] = W.reshape(q, -1) @ P.reshape(b, -1).T
         return out
 
+    @_flushing_subnormals
     def self_scores(self, X, Y, report=None) -> torch.Tensor:
         total = 0
         for name, (aq, gq) in self._projected(X, Y).items():
