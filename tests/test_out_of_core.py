@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import small_mlp_data
 from sklearn.exceptions import ConvergenceWarning
 from torch.utils.data import Dataset, TensorDataset
 
 import skinfluence
-from skinfluence import CgInfluenceScorer, DatasetSource, DirectInfluenceScorer
+from skinfluence import DatasetSource
 from skinfluence._data import Rows
 from skinfluence.solvers import METHODS
-
-from _models import small_mlp_data
 
 NAMES = sorted(METHODS)
 SOURCES = ["memmap", "dask", "dataset"]
@@ -136,7 +135,7 @@ def test_lissa_minibatches_and_views_of_a_memmap(data, memmap):
 
 
 def test_a_pickled_scorer_keeps_the_file_name_not_the_data(data, memmap):
-    model, Xtr, ytr, Xte, yte = data
+    model, Xtr, ytr, _, _ = data
     s = make("direct", model).fit(memmap, ytr)
     blob = pickle.dumps(s)
     restored = pickle.loads(blob)
@@ -175,7 +174,7 @@ def test_dataset_source_with_its_own_collate(data):
 
 
 def test_errors_name_the_argument_and_the_rows(data, memmap, tmp_path):
-    model, Xtr, ytr, Xte, yte = data
+    model, Xtr, ytr, _, _ = data
     bad = np.memmap(tmp_path / "bad.dat", dtype=np.float64, mode="w+", shape=Xtr.shape)
     bad[:] = Xtr
     bad[33, 2] = np.nan
