@@ -184,10 +184,9 @@ class _Reader:
         self._local = threading.local()
 
     def batch(self, idx: np.ndarray):
-        key = (int(idx[0]), int(idx[-1]), len(idx)) if len(idx) else (0, -1, 0)
         cached = getattr(self._local, "last", None)
-        if cached is not None and cached[0] == key and np.array_equal(cached[1], idx):
-            return cached[2]
+        if cached is not None and np.array_equal(cached[0], idx):
+            return cached[1]
         x, y = self.source.read(idx)
         rows = (int(idx.min()), int(idx.max())) if len(idx) else (0, 0)
         Xt = self.convert_x(x, rows)
@@ -196,7 +195,7 @@ class _Reader:
         else:
             Yt = self.convert_y(y)
         out = (Xt, Yt)
-        self._local.last = (key, idx.copy(), out)
+        self._local.last = (idx.copy(), out)
         return out
 
 
@@ -228,8 +227,9 @@ class Rows:
         return self._n
 
     def _positions(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            pos = np.arange(self._n)[key]
+        if isinstance(key, slice):  # a range, not an arange of all n rows per read
+            r = range(self._n)[key]
+            pos = np.arange(r.start, r.stop, r.step, dtype=np.int64)
         else:
             if isinstance(key, torch.Tensor):
                 key = key.detach().to("cpu").numpy()

@@ -286,7 +286,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
                 raise ValueError(f"{yname} was given without {xname}; pass both or neither.")
             return self.X_train_, self.y_train_
         if is_out_of_core(X):
-            return self._rows(self.adapter_, X, y, xname, yname)
+            return self._rows(self.adapter_, source_of(X), y, xname, yname)
         X = self._check_X(X, xname)
         if y is None and not predicted_ok:
             raise ValueError(
@@ -354,10 +354,9 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             raise
         return self
 
-    def _rows(self, adapter, X, y, xname, yname):
-        """Out-of-core (X, y) as lazily read rows: a memmap, dask array or torch
-        Dataset is converted batch by batch, never whole."""
-        source = source_of(X)
+    def _rows(self, adapter, source, y, xname, yname):
+        """Out-of-core (X, y) as lazily read rows: the source of a memmap, dask array
+        or torch Dataset (:func:`source_of`) is converted batch by batch, never whole."""
         n = len(source)
         dataset = isinstance(source, DatasetSource)
         if dataset and y is not None:
@@ -426,7 +425,7 @@ class InfluenceScorer(RemovalEffects, LargeData, BaseEstimator):
             sw = None if sample_weight is None else _sample_weights(sample_weight, np.empty((n, 0)))
             weight_sum = None if sw is None else float(sw.sum())
             adapter.bind(adapter.features(_as_array(source.read(np.arange(1))[0])), n, weight_sum)
-            Xt, Yt = self._rows(adapter, lazy_X, lazy_y, "X", "y")
+            Xt, Yt = self._rows(adapter, source, lazy_y, "X", "y")
             x_shape = tuple(Xt.shape[1:])
             self.n_features_in_ = int(x_shape[0]) if x_shape else 1
         curvature = solver.curvature or self.hessian
