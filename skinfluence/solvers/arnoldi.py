@@ -58,8 +58,8 @@ def default_block_size(rank: int) -> int:
 class ArnoldiSolver(Solver):
     """Top-``rank`` eigenpairs of ``C + P`` by block Lanczos; Woodbury inverse.
 
-    Memory: ``2 * krylov_dimension`` vectors of length p while fitting, ``rank``
-    afterwards.
+    Memory: ``2 * krylov_dimension`` vectors of length p in the working dtype while
+    fitting, ``rank`` in float64 afterwards.
 
     Examples
     --------
@@ -107,8 +107,9 @@ of this residual: 1e-2 typically leaves them well below 1%."""),
     problem in float64, stopped when the wanted pairs have converged. The inverse is
     applied exactly on their span V. {LOW_RANK_COMPLEMENT}"""
     memory = """
-    Memory: ``2 * krylov_dimension`` vectors of length p while fitting, ``rank``
-    afterwards."""
+    Memory: the Krylov basis and its images, ``2 * krylov_dimension`` vectors of
+    length p in the working dtype (float32 for a float32 model), while fitting;
+    ``rank`` vectors in float64 afterwards."""
     attributes = (
         Attribute("eigenvalues_", "ndarray of shape (rank,)",
                   """Eigenvalues of the curvature plus penalty (without ``regularization``), in
@@ -164,6 +165,7 @@ decreasing order of magnitude."""),
             rng=check_random_state(self.random_state),
             device=operator.device,
             progress=progress,
+            dtype=operator.dtype,
         )
         if theta.numel() < self.rank:
             warnings.warn(
