@@ -270,7 +270,7 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
         op = self.operator_
         if self._stochastic(op):
             op = op.subset(rng.choice(op.n_train, self.minibatch_size, replace=False))
-        return op.curvature_mv(H) + float(op.regularization) * H
+        return op.curvature_mv(H).add_(H, alpha=float(op.regularization))
 
     def solve(self, G: torch.Tensor, report: SolveReport | None = None) -> torch.Tensor:
         s, keep = self.scale_, 1.0 - float(self.dampen)
@@ -284,7 +284,7 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
         active = torch.nonzero(B.norm(dim=1) > 0).flatten()
         bar = report.progress_bar("LiSSA") if report is not None and active.numel() else None
         try:
-            n_iter, n_products = self._iterate(
+            H, n_iter, n_products = self._iterate(
                 B, H, residuals, smallest, active, keep, s, pre, rng,
                 None if bar is None else report,
             )
@@ -298,30 +298,39 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
         return (H / s).to(G.dtype)
 
     def _iterate(self, B, H, residuals, smallest, active, keep, s, pre, rng, report):
-        """The iteration, in place on H and residuals; returns the iterations of the
-        slowest right-hand side and the products taken."""
+        """The iteration on H (in place while some right-hand sides have stopped);
+        fills residuals and returns the iterate, the iterations of the slowest
+        right-hand side and the products taken."""
         n_iter, n_products, k = 0, 0, int(active.numel())
         for t in range(self.maxiter):
             if not active.numel():
                 break
-            Ha = H[active]
+            # while every right-hand side is still moving, work on H itself
+            full = active.numel() == H.shape[0]
+            Ha = H if full else H[active]
+            Ba = B if full else B[active]
+            AH = self._mv(Ha, rng)
             if pre is None:
-                new = B[active] + keep * Ha - self._mv(Ha, rng) / s
+                new = AH.mul_(-1.0 / s).add_(Ba).add_(Ha, alpha=keep)
             else:
-                new = keep * Ha + self._precondition(B[active] - self._mv(Ha, rng) / s)
+                new = self._precondition(AH.mul_(-1.0 / s).add_(Ba)).add_(Ha, alpha=keep)
             n_products += Ha.shape[0]
-            update = (new - Ha).norm(dim=1)
-            size = new.norm(dim=1)
+            update = torch.linalg.vector_norm(new - Ha, dim=1)
+            size = torch.linalg.vector_norm(new, dim=1)
             n_iter = t + 1
-            self._check_divergence(t, update, size, smallest[active])
-            smallest[active] = torch.minimum(smallest[active], update)
-            H[active] = new
+            self._check_divergence(t, update, size, smallest if full else smallest[active])
+            if full:
+                torch.minimum(smallest, update, out=smallest)
+                H = new
+            else:
+                smallest[active] = torch.minimum(smallest[active], update)
+                H[active] = new
             rel = update / size
             residuals[active] = rel
             active = active[rel > self.rtol]
             if report is not None:
                 report.step(float(rel.max()), self.rtol, int(active.numel()), k, "relative update")
-        return n_iter, n_products
+        return H, n_iter, n_products
 
     def convergence_warning(self, report: SolveReport) -> str | None:
         report.close()  # the end of the call: its progress bar is done
