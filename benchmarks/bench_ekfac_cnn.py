@@ -67,9 +67,10 @@ REG = 0.01
 BATCH = 256
 #: label -> EkfacInfluenceScorer settings
 OURS = [
-    ("EK-FAC default (Gauss-Newton, basis_iter=2)", {}),
-    ("basis_iter=1", {"basis_iter": 1}),
-    ("basis_iter=0 (K-FAC eigenbasis)", {"basis_iter": 0}),
+    ("EK-FAC default (fisher='auto', basis_iter='auto', random_state=0)", {"random_state": 0}),
+    ("Gauss-Newton, basis_iter=2 (the default before 'auto')", {"fisher": "gauss-newton", "basis_iter": 2}),
+    ("Gauss-Newton, basis_iter=1", {"fisher": "gauss-newton", "basis_iter": 1}),
+    ("Gauss-Newton, basis_iter=0 (K-FAC eigenbasis)", {"fisher": "gauss-newton", "basis_iter": 0}),
     ("fisher='true', basis_iter=2", {"fisher": "true", "basis_iter": 2, "random_state": 0}),
     ("fisher='true', basis_iter=0", {"fisher": "true", "basis_iter": 0, "random_state": 0}),
 ]
@@ -255,7 +256,11 @@ def case(title, model, Xtr, ytr, Xte, yte, args, workdir):
         cg = cg_reference(model, Xtr, ytr, Xte, yte)
         check = f" (Pearson with CG to rtol 1e-10: {pearsonr(cg.ravel(), ref.ravel())[0]:.8f})"
         print("reference vs CG" + check, flush=True)
-    runners = {label: ours_runner(model, Xtr, ytr, Xte, yte, kw) for label, kw in OURS}
+    default = EkfacInfluenceScorer(model, loss=F.cross_entropy, regularization=REG,
+                                   batch_size=BATCH, **OURS[0][1]).fit(Xtr, ytr)
+    resolved = f" [here fisher={default.fisher_!r}, basis_iter={default.basis_iter_}]"
+    runners = {label + (resolved if k == 0 else ""): ours_runner(model, Xtr, ytr, Xte, yte, kw)
+               for k, (label, kw) in enumerate(OURS)}
     kron = kron_runner(model, Xtr, ytr, Xte, yte, workdir)
     if kron is not None:
         runners[KRON] = kron

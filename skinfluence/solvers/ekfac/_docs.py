@@ -13,16 +13,21 @@ PARAMETERS = (
         "estimator", "loss", "params", "regularization",
         Param("update_diagonal", True, ["boolean"], "bool", """Refit the eigenvalues in the Kronecker eigenbasis from per-sample gradients
 (EK-FAC). False keeps the products of the factors' eigenvalues (K-FAC)."""),
-        Param("basis_iter", 2, [Interval(Integral, 0, None, closed="left")], "int", """With ``update_diagonal=True``: alternating updates that move each layer's
+        Param("basis_iter", "auto", [StrOptions({"auto"}), Interval(Integral, 0, None, closed="left")],
+              '"auto" or int', """With ``update_diagonal=True``: alternating updates that move each layer's
 two factors towards the nearest Kronecker product (in Frobenius norm) of its
 curvature block before their eigenbasis is taken. K-FAC's factors treat
 activations and output gradients as independent; each update reweights one
 factor's covariance by the other's quadratic form, which corrects for their
 dependence and gives a basis in which the refitted diagonal is closer to the
-curvature. Each update costs two passes over data that are usually kept in
-memory from the first pass. 0 keeps the eigenbasis of the K-FAC factors
-(George et al., 2018, and pyDVL)."""),
-        Param("fisher", "gauss-newton", [StrOptions(set(FISHERS))], '{"gauss-newton", "true", "empirical"}',
+curvature. Each update costs two passes over the layer data (activations and
+output gradients), kept in memory from the first pass while they fit in
+2**25 numbers (134 MB in float32), recomputed otherwise. 0
+keeps the eigenbasis of the K-FAC factors (George et al., 2018, and pyDVL).
+"auto" (the default) takes 2 when the layer data fits that cache and 0 when it
+does not (the updates would then cost full passes over the data and, measured,
+gain little; see Notes); the value used is ``basis_iter_``."""),
+        Param("fisher", "auto", [StrOptions({"auto", *FISHERS})], '{"auto", "gauss-newton", "true", "empirical"}',
               """Output gradients the factors are built from. "gauss-newton": the expectation
 over the model's predictive distribution, computed exactly from a square root
 of the loss's Hessian with respect to the model output (one backward pass per
@@ -33,7 +38,11 @@ sample drawn from the predictive distribution (softmax for cross-entropy and
 skorch's NLL on probabilities, Bernoulli for binary cross-entropy, Gaussian for
 MSE), seeded by ``random_state``: an unbiased, noisier estimate at the cost of
 one backward pass, for models with many outputs. "empirical": the given
-labels."""),
+labels. "auto" (the default): "gauss-newton" while its layer data (one column
+of output gradients per output) fits the cache of ``basis_iter``, "true" beyond,
+where the exact expectation would cost one pass over the data per output and
+the sampling noise averages out over many samples (see Notes); the value used
+is ``fisher_``."""),
         Param("layers", None, [None, str, list, tuple], "str or list of str", """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules to take into account, as in
 ``model.named_modules()``; the parameters of other modules are held fixed.
 None takes every module holding a selected parameter, and raises an error
@@ -41,7 +50,7 @@ listing any that is neither Linear nor Conv2d; the affine parameters of BatchNor
 layers are held fixed (see Notes)."""),
         "mode", "batch_size", "dtype", "device", "progress",
         Param("random_state", None, ["random_state"], "int, RandomState instance or None",
-              'Seeds the labels sampled for ``fisher="true"``.'),
+              'Seeds the labels sampled for ``fisher="true"`` (and "auto" when it samples).'),
 )
 SCORER_NAME = "EkfacInfluenceScorer"
 SUMMARY = "Influence functions with EK-FAC, Kronecker-factored curvature per layer."
@@ -57,8 +66,9 @@ DESCRIPTION = """
     added to those eigenvalues, as in pyDVL's ``EkfacInfluence``, together with the
     diagonal of the estimator's own L2 penalty in the same basis. The factors take
     ``2 + 2 * basis_iter`` passes over the training data (all but the first over
-    activations kept in memory when they fit), and influences need no
-    Hessian-vector products."""
+    activations kept in memory when they fit), each with one backward pass per
+    output column of the Fisher, and influences need no Hessian-vector
+    products."""
 CURVATURE_NOTE = """Here H is the EK-FAC approximation of the Gauss-Newton (Fisher)
     matrix, block diagonal over layers; on a non-convex model it differs from the
     Hessian that :class:`DirectInfluenceScorer` uses by default."""
@@ -86,15 +96,24 @@ NOTES = """
     0.999 with conjugate gradients with them. To take them into account exactly, use
     another method.
 
-    Against kronfluence 1.0.1's EK-FAC (``benchmarks/results/ekfac_cnn.md``, one
-    thread, 2,000 train x 200 test images, regularization 0.01): on
-    ``SmallResNet(width=4)`` (2 classes) the default is 8.5x faster (0.22 s against
-    1.88 s) at a Pearson against the exact influences of 0.781 against 0.727; on a
-    9,930-parameter CNN on digits (10 classes) it is slower (4.5 s against 2.5 s,
-    Pearson 0.687 against 0.697), as each of its six passes takes one backward pass
-    per class. There ``fisher="true"`` (with ``basis_iter=2``) is 2.5x faster than
-    kronfluence at Pearson 0.702 (0.789 on the ResNet); it is not the default
-    because it is random and agrees less on MLPs."""
+    The defaults ``fisher="auto"`` and ``basis_iter="auto"`` spend passes over the
+    data only where they pay. While the layer data of the exact Gauss-Newton
+    factors fits the cache, they are used with two refinement updates: on the
+    digits MLP of ``benchmarks/results/ekfac.md`` (3,466 parameters, 1,000
+    points) the Pearson against the exact influences is 0.981 against 0.954 for
+    the sampled Fisher, and 10x faster than pyDVL's EK-FAC; on
+    ``SmallResNet(width=4)`` (2 classes, ``benchmarks/results/ekfac_cnn.md``) 8.5x
+    faster than kronfluence 1.0.1 at Pearson 0.781 against 0.727. Beyond the
+    cache each refinement and each output column costs a full pass: on a
+    405,610-parameter MLP with 16,000 points and 10 classes
+    (``benchmarks/results/scale.md``) the exact factors with refinement took 35.9 s
+    for a Pearson against conjugate gradients of 0.9327, without refinement 12.4 s
+    for 0.9327, and the sampled Fisher without refinement 3.9 to 5.7 s for 0.9275
+    (pyDVL's EK-FAC: 3.3 s, 0.9430); on a 9,930-parameter CNN on digits (10
+    classes, 2,000 images) the exact factors with refinement took 4.5 s at Pearson
+    0.687, the sampled Fisher 0.7 to 1.0 s at 0.702 to 0.707 (kronfluence 2.5 s,
+    0.697). The sampled Fisher is seeded by ``random_state``; set it for
+    reproducible factors."""
 MEMORY = """
     Memory: per layer, the two factors and their eigenvectors plus ``d_out x d_in``
     eigenvalues; while computing influences, the test points' preconditioned
@@ -106,6 +125,8 @@ ATTRIBUTES = (
                   source="layer_names_"),
         Attribute("fixed_params_", "list of str", """Selected parameters held fixed: the affine parameters of BatchNorm layers
 (see Notes)."""),
+        Attribute("fisher_", "str", 'The Fisher the factors were built from ("auto" resolved).'),
+        Attribute("basis_iter_", "int", 'The refinement updates taken ("auto" resolved).'),
 )
 EXAMPLES = """
     >>> import numpy as np

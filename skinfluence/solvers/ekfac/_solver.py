@@ -30,9 +30,19 @@ from sklearn.utils import check_random_state
 from ..._linalg import not_positive_definite
 from .._base import CurvatureOperator, Solver
 from . import _docs
-from ._factors import Passes, corrected_eigenvalues, kfac_factors, layer_data, nearest_kronecker
+from . import _factors
+from ._factors import (
+    Passes,
+    corrected_eigenvalues,
+    kfac_factors,
+    layer_data,
+    nearest_kronecker,
+)
 from ._fisher import require_sampler, sampler_for
 from ._layers import build_layers, held_fixed, select_layers
+
+#: Refinement passes of basis_iter="auto" when the layer data fits the cache.
+AUTO_BASIS_ITER = 2
 
 __all__ = ["EkfacSolver", "kronecker_preconditioner"]
 
@@ -117,6 +127,28 @@ class EkfacSolver(Solver):
         return select_layers(module, param_names, self.layers)[1]
 
     # ------------------------------------------------------------ fit
+    def _resolve_auto(self, a, X, Y, n) -> tuple[str, int]:
+        """``fisher`` and ``basis_iter`` with "auto" resolved from the size of the
+        layer data one pass produces (measured on a few samples): the exact
+        Gauss-Newton factors and the refinement passes while that data fits the
+        cache kept between passes (``_factors.CACHE_ELEMENTS``), the sampled Fisher and the
+        K-FAC eigenbasis beyond, where each would cost full passes over the data."""
+        fisher, basis_iter = self.fisher, self.basis_iter
+        if fisher != "auto" and basis_iter != "auto":
+            return fisher, int(basis_iter)
+        probe = min(n, 4)
+        gn = layer_data(a, self.layers_, X[:probe], Y[:probe], "gauss-newton", self.family_)
+        acts = sum(act.numel() for act, _ in gn.values()) / probe
+        grads = sum(g.numel() for _, g in gn.values()) / probe  # every output column
+        columns = max(next(iter(gn.values()))[1].shape[0], 1)
+        if fisher == "auto":
+            fits = n * (acts + grads) <= _factors.CACHE_ELEMENTS
+            fisher = "gauss-newton" if fits or sampler_for(a) is None else "true"
+        if basis_iter == "auto":
+            per_sample = acts + (grads if fisher == "gauss-newton" else grads / columns)
+            basis_iter = AUTO_BASIS_ITER if n * per_sample <= _factors.CACHE_ELEMENTS else 0
+        return fisher, int(basis_iter)
+
     @_flushing_subnormals
     def _fit(self, operator: CurvatureOperator, progress=None) -> EkfacSolver:
         a = operator.adapter
@@ -136,18 +168,19 @@ class EkfacSolver(Solver):
         self.layer_names_ = list(names)
         self.batch_size_ = operator.batch_size
         self.family_ = sampler_for(a)
+        self.fisher_, self.basis_iter_ = self._resolve_auto(a, X, Y, n)
         self.sampler_, noise = None, None
-        if self.fisher == "true":
+        if self.fisher_ == "true":
             self.sampler_ = require_sampler(a)
             rng = check_random_state(self.random_state)
             with torch.no_grad():
                 out_shape = tuple(a.outputs(X[:1]).shape[1:])
             noise = self.sampler_.noise(rng, n, out_shape)
-        passes = Passes(self, X, Y, self.fisher, noise, progress, operator.weights)
+        passes = Passes(self, X, Y, self.fisher_, noise, progress, operator.weights)
         self.factors_ = kfac_factors(passes, self.layers_, self.update_diagonal, a.device)
         kron = self.factors_
-        if self.update_diagonal and self.basis_iter:
-            kron = nearest_kronecker(kron, passes, self.basis_iter, a.dtype)
+        if self.update_diagonal and self.basis_iter_:
+            kron = nearest_kronecker(kron, passes, self.basis_iter_, a.dtype)
         self.eigenvalues_, self.basis_, self.basis64_ = {}, {}, {}
         for lay in self.layers_:
             Af, Sf = kron[lay.name]
@@ -404,5 +437,5 @@ def kronecker_preconditioner(operator: CurvatureOperator, kind: str, progress=No
             "'nystroem' and 'jacobi'."
         )
     fisher = "empirical" if operator.curvature == "empirical-fisher" else "gauss-newton"
-    solver = EkfacSolver(update_diagonal=kind == "ekfac", fisher=fisher)
+    solver = EkfacSolver(update_diagonal=kind == "ekfac", fisher=fisher, basis_iter=2)
     return solver.fit(operator, progress=progress)
