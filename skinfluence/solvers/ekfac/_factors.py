@@ -89,9 +89,9 @@ def layer_data(adapter, layers, X, Y, how="empirical", family=None, sampler=None
 class Passes:
     """Batches of layer data over the training set, cached when they are small."""
 
-    def __init__(self, solver, X, Y, how, noise, progress, weights=None):
+    def __init__(self, solver, X, Y, how, noise, progress, weights=None, dtype=None):
         self.solver, self.X, self.Y, self.how, self.noise = solver, X, Y, how, noise
-        self.progress, self.weights = progress, weights
+        self.progress, self.weights, self.dtype = progress, weights, dtype
         self.steps = list(batch_slices(X.shape[0], solver.batch_size_))
         self.cache = None
 
@@ -103,11 +103,15 @@ class Passes:
 
     def _compute(self, s):
         sol = self.solver
-        return layer_data(
+        data = layer_data(
             sol.adapter_, sol.layers_, self.X[s], self.Y[s], self.how, sol.family_,
             sol.sampler_, None if self.noise is None else self.noise[s],
             None if self.weights is None else self.weights[s],
         )
+        if self.dtype is None:
+            return data
+        # the products of every pass run in ``kronecker_dtype``; so does the cache
+        return {name: (act.to(self.dtype), g.to(self.dtype)) for name, (act, g) in data.items()}
 
     def first(self, desc: str, keep: bool):
         """The first pass; ``keep`` asks to cache the data for later passes."""
