@@ -701,3 +701,27 @@ def test_kronecker_dtype_survives_clone_and_pickle(torch_mlp, wine):
     s.fit(Xtr, ytr)
     again = pickle.loads(pickle.dumps(s))
     np.testing.assert_array_equal(again.influences(Xte, yte), s.influences(Xte, yte))
+
+
+def test_bfloat16_keeps_twice_as_many_activations_between_passes(torch_mlp, wine, monkeypatch):
+    """A 16-bit kronecker_dtype keeps twice as many numbers in the same memory: with
+    a cache too small for the float32 data but not for half of it, float32
+    recomputes the layer data in each of the six passes and bfloat16 computes it once."""
+    from skinfluence.solvers.ekfac import _factors
+
+    Xtr, ytr, _, _ = wine
+    sizes, real = [], _factors.layer_data
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        sizes.append(sum(act.numel() + g.numel() for act, g in out.values()))
+        return out
+
+    monkeypatch.setattr(_factors, "layer_data", counting)
+    _ekfac(torch_mlp, batch_size=40).fit(Xtr, ytr)
+    assert len(sizes) == 3  # cached: one computation per batch
+    monkeypatch.setattr(_factors, "CACHE_ELEMENTS", 3 * sum(sizes) // 4)
+    for kronecker_dtype, computations in [("float32", 18), ("bfloat16", 3)]:
+        sizes.clear()
+        _ekfac(torch_mlp, batch_size=40, kronecker_dtype=kronecker_dtype).fit(Xtr, ytr)
+        assert len(sizes) == computations, kronecker_dtype

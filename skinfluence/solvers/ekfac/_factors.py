@@ -16,7 +16,8 @@ weight once), its activations are not, and ``A`` weighs each sample's positions 
 the sample's weight.
 
 Activations and output gradients of a batch are kept between passes while they fit
-in ``CACHE_ELEMENTS`` numbers; beyond that every pass recomputes them.
+in ``CACHE_ELEMENTS`` numbers (twice as many in a 16-bit ``kronecker_dtype``: the
+memory of as many float32 numbers); beyond that every pass recomputes them.
 """
 
 from __future__ import annotations
@@ -116,11 +117,12 @@ class Passes:
     def first(self, desc: str, keep: bool):
         """The first pass; ``keep`` asks to cache the data for later passes."""
         cache, cached = ([] if keep else None), 0
+        limit = CACHE_ELEMENTS * (2 if self.dtype is not None and self.dtype.itemsize == 2 else 1)
         for s in self._steps(desc):
             data = self._compute(s)
             if cache is not None:
                 cached += sum(act.numel() + g.numel() for act, g in data.values())
-                if cached <= CACHE_ELEMENTS:
+                if cached <= limit:
                     cache.append(data)
                 else:
                     cache = None
