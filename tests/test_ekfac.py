@@ -196,7 +196,7 @@ def test_passes_without_the_activation_cache_give_the_same_result(torch_mlp, win
     from skinfluence.solvers.ekfac import _factors as ekfac
 
     Xtr, ytr, Xte, yte = wine
-    kw = {"fisher": fisher, "random_state": 0, "batch_size": 23}
+    kw = {"fisher": fisher, "basis_iter": 2, "random_state": 0, "batch_size": 23}
     cached = _ekfac(torch_mlp, **kw).fit(Xtr, ytr).influences(Xte, yte)
     monkeypatch.setattr(ekfac, "CACHE_ELEMENTS", 0)
     recomputed = _ekfac(torch_mlp, **kw).fit(Xtr, ytr).influences(Xte, yte)
@@ -634,3 +634,95 @@ def test_subnormal_flushing_is_left_off_afterwards(torch_mlp, wine):
     _ekfac(torch_mlp).fit(Xtr, ytr).influences(Xte, yte)
     tiny = torch.tensor([1e-20], dtype=torch.float32) * torch.tensor([1e-20], dtype=torch.float32)
     assert float(tiny[0]) > 0  # 1e-40 is subnormal in float32
+
+
+# --------------------------------------------------------------------------- precision
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def precision_cases(torch_mlp, wine, digits_cnn):
+    """Per model (the MLP's rank-one layers, the CNN's convolutions): the float64
+    scorer and its influences and self-influences."""
+    out = {}
+    for case, (model, Xtr, ytr, Xte, yte) in {"mlp": (torch_mlp, *wine), "cnn": digits_cnn}.items():
+        s = _ekfac(model).fit(Xtr, ytr)
+        out[case] = (model, Xtr, ytr, Xte, yte, s.influences(Xte, yte), s.self_influence(Xtr[:40], ytr[:40]))
+    return out
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_kronecker_dtype_float32_agrees_with_float64_to_1e5(precision_cases, case):
+    model, Xtr, ytr, Xte, yte, I64, self64 = precision_cases[case]
+    s = _ekfac(model, kronecker_dtype="float32").fit(Xtr, ytr)
+    I = s.influences(Xte, yte)
+    assert I.dtype == np.float64  # results in the working dtype
+    assert s.solver_.kronecker_basis_[s.layers_[0]][1].dtype == torch.float32
+    # float32 rounding shows (a knob that did nothing would give ~1e-15) but stays small
+    assert 1e-10 < _rel(I, I64) < 1e-5
+    assert _rel(s.self_influence(Xtr[:40], ytr[:40]), self64) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["mlp", "cnn"])
+def test_kronecker_dtype_bfloat16_stays_within_its_documented_bound(precision_cases, case):
+    """The bound the parameter's docstring gives: Pearson 0.9999, relative error 1e-2."""
+    model, Xtr, ytr, Xte, yte, I64, self64 = precision_cases[case]
+    s = _ekfac(model, kronecker_dtype="bfloat16").fit(Xtr, ytr)
+    I = s.influences(Xte, yte)
+    assert I.dtype == np.float64
+    err = _rel(I, I64)
+    assert 1e-4 < err < 2e-2, err  # bfloat16's 8 bits show, within the bound
+    assert pearsonr(I.ravel(), I64.ravel())[0] > 0.9999
+    assert _rel(s.self_influence(Xtr[:40], ytr[:40]), self64) < 2e-2
+    by_layer = s.influences_by_layer(Xte, yte)
+    np.testing.assert_allclose(sum(by_layer.values()), I, rtol=1e-6, atol=1e-9 * np.abs(I).max())
+
+
+def test_kronecker_dtype_is_validated(torch_mlp, wine):
+    from skinfluence._adapters import build_adapter
+    from skinfluence.solvers import CurvatureOperator, EkfacSolver
+
+    Xtr, ytr, _, _ = wine
+    with pytest.raises(ValueError, match="kronecker_dtype"):
+        _ekfac(torch_mlp, kronecker_dtype="float16").fit(Xtr, ytr)
+    a = build_adapter(torch_mlp, loss=F.cross_entropy)
+    X, y = torch.as_tensor(Xtr), torch.as_tensor(ytr)
+    a.bind(X, len(y))
+    op = CurvatureOperator(a, X, y, "gauss-newton", regularization=0.1, batch_size=50)
+    with pytest.raises(ValueError, match="kronecker_dtype: expected None or one of"):
+        EkfacSolver(kronecker_dtype="half").fit(op)
+
+
+def test_kronecker_dtype_survives_clone_and_pickle(torch_mlp, wine):
+    Xtr, ytr, Xte, yte = wine
+    s = _ekfac(torch_mlp, kronecker_dtype="bfloat16")
+    assert clone(s).get_params()["kronecker_dtype"] == "bfloat16"
+    s.fit(Xtr, ytr)
+    again = pickle.loads(pickle.dumps(s))
+    np.testing.assert_array_equal(again.influences(Xte, yte), s.influences(Xte, yte))
+
+
+def test_bfloat16_keeps_twice_as_many_activations_between_passes(torch_mlp, wine, monkeypatch):
+    """A 16-bit kronecker_dtype keeps twice as many numbers in the same memory: with
+    a cache too small for the float32 data but not for half of it, float32
+    recomputes the layer data in each of the six passes and bfloat16 computes it once."""
+    from skinfluence.solvers.ekfac import _factors
+
+    Xtr, ytr, _, _ = wine
+    sizes, real = [], _factors.layer_data
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        sizes.append(sum(act.numel() + g.numel() for act, g in out.values()))
+        return out
+
+    monkeypatch.setattr(_factors, "layer_data", counting)
+    kw = {"fisher": "gauss-newton", "basis_iter": 2, "batch_size": 40}
+    _ekfac(torch_mlp, **kw).fit(Xtr, ytr)
+    assert len(sizes) == 3  # cached: one computation per batch
+    monkeypatch.setattr(_factors, "CACHE_ELEMENTS", 3 * sum(sizes) // 4)
+    for kronecker_dtype, computations in [("float32", 18), ("bfloat16", 3)]:
+        sizes.clear()
+        _ekfac(torch_mlp, kronecker_dtype=kronecker_dtype, **kw).fit(Xtr, ytr)
+        assert len(sizes) == computations, kronecker_dtype

@@ -16,7 +16,8 @@ weight once), its activations are not, and ``A`` weighs each sample's positions 
 the sample's weight.
 
 Activations and output gradients of a batch are kept between passes while they fit
-in ``CACHE_ELEMENTS`` numbers; beyond that every pass recomputes them.
+in ``CACHE_ELEMENTS`` numbers (twice as many in a 16-bit ``kronecker_dtype``: the
+memory of as many float32 numbers); beyond that every pass recomputes them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ __all__ = ["CACHE_ELEMENTS", "Passes", "layer_data"]
 
 #: Activations and output gradients kept between the passes of fit, at most.
 CACHE_ELEMENTS = 1 << 25
+
+
+def cache_limit(dtype) -> int:
+    """Numbers of ``dtype`` the cache holds: twice ``CACHE_ELEMENTS`` in 16 bits."""
+    return CACHE_ELEMENTS * (2 if dtype is not None and dtype.itemsize == 2 else 1)
 
 
 def layer_data(adapter, layers, X, Y, how="empirical", family=None, sampler=None, noise=None,
@@ -89,9 +95,9 @@ def layer_data(adapter, layers, X, Y, how="empirical", family=None, sampler=None
 class Passes:
     """Batches of layer data over the training set, cached when they are small."""
 
-    def __init__(self, solver, X, Y, how, noise, progress, weights=None):
+    def __init__(self, solver, X, Y, how, noise, progress, weights=None, dtype=None):
         self.solver, self.X, self.Y, self.how, self.noise = solver, X, Y, how, noise
-        self.progress, self.weights = progress, weights
+        self.progress, self.weights, self.dtype = progress, weights, dtype
         self.steps = list(batch_slices(X.shape[0], solver.batch_size_))
         self.cache = None
 
@@ -103,20 +109,25 @@ class Passes:
 
     def _compute(self, s):
         sol = self.solver
-        return layer_data(
+        data = layer_data(
             sol.adapter_, sol.layers_, self.X[s], self.Y[s], self.how, sol.family_,
             sol.sampler_, None if self.noise is None else self.noise[s],
             None if self.weights is None else self.weights[s],
         )
+        if self.dtype is None:
+            return data
+        # the products of every pass run in ``kronecker_dtype``; so does the cache
+        return {name: (act.to(self.dtype), g.to(self.dtype)) for name, (act, g) in data.items()}
 
     def first(self, desc: str, keep: bool):
         """The first pass; ``keep`` asks to cache the data for later passes."""
         cache, cached = ([] if keep else None), 0
+        limit = cache_limit(self.dtype)
         for s in self._steps(desc):
             data = self._compute(s)
             if cache is not None:
                 cached += sum(act.numel() + g.numel() for act, g in data.values())
-                if cached <= CACHE_ELEMENTS:
+                if cached <= limit:
                     cache.append(data)
                 else:
                     cache = None

@@ -74,6 +74,18 @@ def _flushing_subnormals(method):
     return wrapper
 
 
+def _kronecker_dtype(name, working: torch.dtype) -> torch.dtype:
+    """``kronecker_dtype`` as a torch dtype; None is the working ``dtype``."""
+    if name is None:
+        return working
+    if name not in _docs.KRONECKER_DTYPES:
+        raise ValueError(
+            f"kronecker_dtype: expected None or one of {sorted(_docs.KRONECKER_DTYPES)}, "
+            f"got {name!r}."
+        )
+    return _docs.KRONECKER_DTYPES[name]
+
+
 @dataclass(frozen=True)
 class _Block:
     """Where a layer's factors sit in the flat factor vector, and in which layout."""
@@ -127,11 +139,11 @@ class EkfacSolver(Solver):
         return select_layers(module, param_names, self.layers)[1]
 
     # ------------------------------------------------------------ fit
-    def _resolve_auto(self, a, X, Y, n) -> tuple[str, int]:
+    def _resolve_auto(self, a, X, Y, n, limit: int) -> tuple[str, int]:
         """``fisher`` and ``basis_iter`` with "auto" resolved from the size of the
         layer data one pass produces (measured on a few samples): the exact
         Gauss-Newton factors and the refinement passes while that data fits the
-        cache kept between passes (``_factors.CACHE_ELEMENTS``), the sampled Fisher and the
+        cache kept between passes (``limit`` numbers), the sampled Fisher and the
         K-FAC eigenbasis beyond, where each would cost full passes over the data."""
         fisher, basis_iter = self.fisher, self.basis_iter
         if fisher != "auto" and basis_iter != "auto":
@@ -142,11 +154,11 @@ class EkfacSolver(Solver):
         grads = sum(g.numel() for _, g in gn.values()) / probe  # every output column
         columns = max(next(iter(gn.values()))[1].shape[0], 1)
         if fisher == "auto":
-            fits = n * (acts + grads) <= _factors.CACHE_ELEMENTS
+            fits = n * (acts + grads) <= limit
             fisher = "gauss-newton" if fits or sampler_for(a) is None else "true"
         if basis_iter == "auto":
             per_sample = acts + (grads if fisher == "gauss-newton" else grads / columns)
-            basis_iter = AUTO_BASIS_ITER if n * per_sample <= _factors.CACHE_ELEMENTS else 0
+            basis_iter = AUTO_BASIS_ITER if n * per_sample <= limit else 0
         return fisher, int(basis_iter)
 
     @_flushing_subnormals
@@ -168,7 +180,8 @@ class EkfacSolver(Solver):
         self.layer_names_ = list(names)
         self.batch_size_ = operator.batch_size
         self.family_ = sampler_for(a)
-        self.fisher_, self.basis_iter_ = self._resolve_auto(a, X, Y, n)
+        kdt = self.kronecker_dtype_ = _kronecker_dtype(self.kronecker_dtype, a.dtype)
+        self.fisher_, self.basis_iter_ = self._resolve_auto(a, X, Y, n, _factors.cache_limit(kdt))
         self.sampler_, noise = None, None
         if self.fisher_ == "true":
             self.sampler_ = require_sampler(a)
@@ -176,12 +189,12 @@ class EkfacSolver(Solver):
             with torch.no_grad():
                 out_shape = tuple(a.outputs(X[:1]).shape[1:])
             noise = self.sampler_.noise(rng, n, out_shape)
-        passes = Passes(self, X, Y, self.fisher_, noise, progress, operator.weights)
+        passes = Passes(self, X, Y, self.fisher_, noise, progress, operator.weights, kdt)
         self.factors_ = kfac_factors(passes, self.layers_, self.update_diagonal, a.device)
         kron = self.factors_
         if self.update_diagonal and self.basis_iter_:
-            kron = nearest_kronecker(kron, passes, self.basis_iter_, a.dtype)
-        self.eigenvalues_, self.basis_, self.basis64_ = {}, {}, {}
+            kron = nearest_kronecker(kron, passes, self.basis_iter_, kdt)
+        self.eigenvalues_, self.basis_, self.basis64_, self.kronecker_basis_ = {}, {}, {}, {}
         for lay in self.layers_:
             Af, Sf = kron[lay.name]
             la, qa = torch.linalg.eigh(0.5 * (Af + Af.T))
@@ -189,8 +202,9 @@ class EkfacSolver(Solver):
             self.eigenvalues_[lay.name] = torch.outer(ls.clamp_min(0), la.clamp_min(0))
             self.basis64_[lay.name] = (qs, qa)
             self.basis_[lay.name] = (qs.to(a.dtype), qa.to(a.dtype))
+            self.kronecker_basis_[lay.name] = (qs.to(kdt), qa.to(kdt))
         if self.update_diagonal:
-            self.eigenvalues_ = corrected_eigenvalues(passes, self.basis_, self.eigenvalues_)
+            self.eigenvalues_ = corrected_eigenvalues(passes, self.kronecker_basis_, self.eigenvalues_)
         passes.cache = None
         self.penalty_ = self._penalty_diagonal()
         self._set_inverse(operator.curvature)
@@ -262,10 +276,10 @@ class EkfacSolver(Solver):
     def _projected(self, X, Y) -> dict:
         """Per layer: activations and output gradients of the points' own loss,
         expressed in the eigenbases of A and S: ``a Q_A`` (b, T, d_in) and ``g Q_S``
-        (b, T, d_out)."""
+        (b, T, d_out), in ``kronecker_dtype``."""
         out = {}
         for name, (act, g) in layer_data(self.adapter_, self.layers_, X, Y).items():
-            qs, qa = self.basis_[name]
+            qs, qa = self.kronecker_basis_[name]
             out[name] = (act.to(qa.dtype) @ qa, g[0].to(qs.dtype) @ qs)
         return out
 
@@ -297,7 +311,7 @@ class EkfacSolver(Solver):
                 P = gq[:, 0, :, None] * aq[:, 0, None, :]
             else:
                 P = torch.einsum("bto,bti->boi", gq, aq)
-            P = P.mul_(self.inverse_[name])
+            P = P.to(self.adapter_.dtype).mul_(self.inverse_[name])
             if self._blocks[name].transposed:
                 P = P.transpose(1, 2)
             parts.append(P.reshape(P.shape[0], -1))
@@ -325,7 +339,7 @@ class EkfacSolver(Solver):
         first, which is cheaper than contracting at every position.
         """
         split = self._split(F)
-        out = {}
+        out, kdt, wdt = {}, self.kronecker_dtype_, self.adapter_.dtype
         for name, (aq, gq) in self._projected(X, Y).items():
             W, transposed = split[name], self._blocks[name].transposed
             q, b = W.shape[0], aq.shape[0]
@@ -339,25 +353,25 @@ class EkfacSolver(Solver):
                 step = max(1, _CHUNK_ELEMENTS // max(1, d_left * b))
                 rows = []
                 for c in range(0, q, step):
-                    tmp = (W[c : c + step].reshape(-1, d_right) @ rightT).reshape(-1, d_left, b)
-                    rows.append(tmp.mul_(leftT).sum(1))
+                    tmp = (W[c : c + step].reshape(-1, d_right).to(kdt) @ rightT).reshape(-1, d_left, b)
+                    rows.append(tmp.mul_(leftT).sum(1).to(wdt))
                 out[name] = torch.cat(rows) if rows else W.new_zeros(0, b)
             else:
                 P = torch.einsum("bto,bti->boi", gq, aq)
                 if transposed:
                     P = P.transpose(1, 2)
-                out[name] = W.reshape(q, -1) @ P.reshape(b, -1).T
+                out[name] = (W.reshape(q, -1).to(kdt) @ P.reshape(b, -1).T).to(wdt)
         return out
 
     @_flushing_subnormals
     def self_scores(self, X, Y, report=None) -> torch.Tensor:
-        total = 0
+        total, wdt = 0, self.adapter_.dtype
         for name, (aq, gq) in self._projected(X, Y).items():
             inv = self.inverse_[name]
             if aq.shape[1] == 1:
-                total = total + ((gq[:, 0] ** 2 @ inv) * aq[:, 0] ** 2).sum(-1)
+                total = total + (((gq[:, 0] ** 2).to(wdt) @ inv) * (aq[:, 0] ** 2).to(wdt)).sum(-1)
             else:
-                P = torch.einsum("bto,bti->boi", gq, aq)
+                P = torch.einsum("bto,bti->boi", gq, aq).to(wdt)
                 total = total + (P**2 * inv).sum((1, 2))
         return total
 
