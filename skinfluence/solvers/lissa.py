@@ -65,8 +65,12 @@ __all__ = ["LissaDivergenceError", "LissaSolver"]
 
 #: Safety margin of scale="auto" over the estimated largest eigenvalue.
 AUTO_SCALE_MARGIN = 1.05
-#: An update this many times larger than the smallest seen so far means divergence.
+#: An update this many times larger than the smallest seen so far means divergence
+#: (all training points per step, where a convergent iteration's updates shrink).
 DIVERGENCE_FACTOR = 100.0
+#: With minibatches: an iterate this many times larger than any convergent one can
+#: be (``scale / lambda_min`` times its start) means divergence.
+GROWTH_FACTOR = 1e4
 
 
 class LissaDivergenceError(ValueError):
@@ -213,6 +217,7 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
                 device=operator.device,
                 which="LA",
                 progress=progress,
+                dtype=operator.dtype,
             )
             top = float(theta[0]) + lam
             if top <= 0:
@@ -229,6 +234,9 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
             self.scale_ = float(self.scale)
         self.seed_ = int(rng.randint(np.iinfo(np.int32).max))
         self.operator_ = operator
+        # ||h|| <= ||h_0|| * scale / lambda_min for a convergent iteration
+        low = getattr(self, "_low", None) if self.preconditioner is not None else lam
+        self._growth = GROWTH_FACTOR * max(self.scale_ / low, 1.0) if low and low > 0 else float("inf")
         return self
 
     def _preconditioned_scale(self, operator: CurvatureOperator, rng, progress) -> None:
@@ -244,9 +252,10 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
         k = min(p, 24)
         theta, _, _, _ = block_lanczos(
             mv, p, k, krylov_dimension=k, block_size=min(p, 8), rtol=1e-3, rng=rng,
-            device=operator.device, which="LA", progress=progress,
+            device=operator.device, which="LA", progress=progress, dtype=operator.dtype,
         )
         top, low = float(theta[0]), float(theta[-1])
+        self._low = low
         if low <= 0:
             raise not_positive_definite(
                 operator.curvature, lam,
@@ -279,13 +288,14 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
         k = B.shape[0]
         pre = getattr(self, "preconditioner_", None)
         H = B.clone() if pre is None else self._precondition(B)
+        start = H.norm(dim=1)
         residuals = torch.zeros(k, dtype=torch.float64, device=B.device)
         smallest = torch.full_like(residuals, float("inf"))
         active = torch.nonzero(B.norm(dim=1) > 0).flatten()
         bar = report.progress_bar("LiSSA") if report is not None and active.numel() else None
         try:
             H, n_iter, n_products = self._iterate(
-                B, H, residuals, smallest, active, keep, s, pre, rng,
+                B, H, residuals, smallest, start, active, keep, s, pre, rng,
                 None if bar is None else report,
             )
         except BaseException:
@@ -297,7 +307,7 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
             report.add(n_iter, residuals.cpu().numpy(), converged.cpu().numpy(), n_products)
         return (H / s).to(G.dtype)
 
-    def _iterate(self, B, H, residuals, smallest, active, keep, s, pre, rng, report):
+    def _iterate(self, B, H, residuals, smallest, start, active, keep, s, pre, rng, report):
         """The iteration on H (in place while some right-hand sides have stopped);
         fills residuals and returns the iterate, the iterations of the slowest
         right-hand side and the products taken."""
@@ -318,7 +328,8 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
             update = torch.linalg.vector_norm(new - Ha, dim=1)
             size = torch.linalg.vector_norm(new, dim=1)
             n_iter = t + 1
-            self._check_divergence(t, update, size, smallest if full else smallest[active])
+            self._check_divergence(t, update, size, smallest if full else smallest[active],
+                                   start if full else start[active])
             if full:
                 torch.minimum(smallest, update, out=smallest)
                 H = new
@@ -347,15 +358,26 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
             + "."
         )
 
-    def _check_divergence(self, t, update, size, smallest):
+    def _check_divergence(self, t, update, size, smallest, start):
         finite = bool(torch.isfinite(update).all() and torch.isfinite(size).all())
-        grew = (update > DIVERGENCE_FACTOR * smallest) & (update > 1e-3 * size)
+        op = self.operator_
+        stochastic = self._stochastic(op)
+        if stochastic:
+            # Minibatch noise keeps every update moving, and the smallest update seen
+            # can be a lucky step a hundred times below the next: divergence shows
+            # instead as an iterate growing past any convergent one.
+            ratio = size / start.clamp_min(1e-300)
+            grew = ratio > getattr(self, "_growth", float("inf"))
+        else:
+            ratio = update / smallest
+            grew = (update > DIVERGENCE_FACTOR * smallest) & (update > 1e-3 * size)
         if finite and not bool(grew.any()):
             return
-        op = self.operator_
         if finite:
-            i = int(torch.argmax(torch.where(grew, update / smallest, torch.zeros_like(update))))
+            i = int(torch.argmax(torch.where(grew, ratio, torch.zeros_like(ratio))))
             what = (
+                f"the iterate of a right-hand side grew from norm {float(start[i]):.3g} "
+                f"to {float(size[i]):.3g}" if stochastic else
                 f"the update of a right-hand side grew from {float(smallest[i]):.3g} "
                 f"to {float(update[i]):.3g}"
             )
