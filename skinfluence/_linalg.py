@@ -99,7 +99,8 @@ def auto_regularization(min_eigenvalue: float, max_eigenvalue: float, rho: float
     return float(max(rho * top, safety))
 
 
-def spectrum_ends(mv, n_params: int, device, krylov_dimension: int = 32) -> tuple[float, float]:
+def spectrum_ends(mv, n_params: int, device, krylov_dimension: int = 32,
+                  dtype=torch.float64) -> tuple[float, float]:
     """Estimates of the smallest and largest eigenvalue of a symmetric operator.
 
     A fixed number of block Lanczos steps (``krylov_dimension`` products, or ``p``
@@ -117,6 +118,8 @@ def spectrum_ends(mv, n_params: int, device, krylov_dimension: int = 32) -> tupl
         Where the vectors live.
     krylov_dimension : int, default=32
         Vectors in the Krylov basis.
+    dtype : torch dtype, default=torch.float64
+        Precision the basis is kept in (see :func:`block_lanczos`).
 
     Returns
     -------
@@ -132,7 +135,7 @@ def spectrum_ends(mv, n_params: int, device, krylov_dimension: int = 32) -> tupl
     k = min(krylov_dimension, n_params)
     theta, _, _, _ = block_lanczos(
         mv, n_params, k, krylov_dimension=k, block_size=min(8, k), rtol=0.0,
-        rng=np.random.RandomState(0), device=device, which="LA",
+        rng=np.random.RandomState(0), device=device, which="LA", dtype=dtype,
     )
     return float(theta[-1]), float(theta[0])
 

@@ -531,7 +531,8 @@ class Solver:
         matrix's eigenvalues.
         """
         k = 128 if operator.curvature == "exact" else 32
-        return spectrum_ends(operator.curvature_mv, operator.n_params, operator.device, k)
+        return spectrum_ends(operator.curvature_mv, operator.n_params, operator.device, k,
+                             dtype=operator.dtype)
 
     def auto_regularization(self, operator: CurvatureOperator, progress=None) -> float:
         """The regularization ``"auto"`` gives on ``operator`` (whose own is ignored).
