@@ -251,8 +251,11 @@ def _pydvl_operator_check(case: Case) -> str:
         f"from the empirical Fisher computed here by {diff.min():.0%}-{diff.max():.0%} in "
         "relative norm (ours is checked against per-sample gradients taken one sample at a "
         "time in tests/test_preconditioned.py). The last column measures every result "
-        "against ours; why pyDVL's block CG ends far from it in this mode while its "
-        "LiSSA does not is not established here."
+        "against ours. pyDVL 0.10's operator for this mode divides the products of a "
+        "block of k vectors by k instead of by the number of points "
+        "(benchmarks/results/cnn.md), so its block CG solves with a curvature scaled by "
+        "1/k; its LiSSA, which reached our residual, goes another way through that "
+        "operator (not traced here)."
     )
 
 
