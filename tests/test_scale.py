@@ -196,3 +196,29 @@ def test_minibatch_lissa_still_stops_a_growing_iterate():
                              minibatch_size=256, scale=0.05, maxiter=3000, random_state=0).fit(X, y)
     with pytest.raises(LissaDivergenceError, match=r"the iterate of a right-hand side grew from norm"):
         s.influence_factors(X[20:25], y[20:25])
+
+
+def test_minibatch_lissa_estimates_its_scale_on_a_subset(monkeypatch):
+    """scale='auto' with minibatches: the largest eigenvalue from max(8 * minibatch,
+    4096) points, not all of them, and close to the one over all points."""
+    import torch.nn.functional as F
+
+    from skinfluence import LissaInfluenceScorer
+    from skinfluence.solvers import CurvatureOperator
+
+    model, X, y = _outlier_logistic(n=6000)
+    kw = {"loss": F.cross_entropy, "regularization": 0.01, "dtype": "float64", "random_state": 0}
+    full = LissaInfluenceScorer(model, **kw).fit(X, y)
+    sizes, subset = [], CurvatureOperator.subset
+
+    def recording(self, rows):
+        sizes.append(len(rows))
+        return subset(self, rows)
+
+    monkeypatch.setattr(CurvatureOperator, "subset", recording)
+    mini = LissaInfluenceScorer(model, minibatch_size=64, **kw).fit(X, y)
+    assert sizes == [4096]
+    np.testing.assert_allclose(mini.max_eigenvalue_, full.max_eigenvalue_, rtol=0.1)
+    sizes.clear()
+    LissaInfluenceScorer(model, minibatch_size=1000, **kw).fit(X, y)
+    assert sizes == []  # 8,000 points asked for: all 6,000 are used
