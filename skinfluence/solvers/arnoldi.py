@@ -92,7 +92,8 @@ class ArnoldiSolver(Solver):
         Param("rtol", 1e-2, [Interval(Real, 0, None, closed="left")], "float",
               """A Ritz pair ``(e, v)`` has converged when ``||(H + P) v - e v||`` is at most
 rtol times the largest eigenvalue. Eigenvalue errors shrink with the square
-of this residual: 1e-2 typically leaves them well below 1%."""),
+of this residual: 1e-2 typically leaves them well below 1%. The basis is kept in
+the working dtype, so in float32 residuals below about 1e-6 are out of reach."""),
         "batch_size", "dtype", "device", "progress",
         random_state_param("the Lanczos start block"),
     )
