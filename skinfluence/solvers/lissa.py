@@ -206,6 +206,7 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
         lam = self.regularization_
         self.max_eigenvalue_ = None
         self.preconditioner_ = None
+        self._low = None  # the smallest Ritz value of scale="auto", when preconditioned
         # with minibatches the largest eigenvalue is estimated on a random subset: its
         # curvature's is at least as large on average (the largest eigenvalue is
         # convex), the safe side for a scale that must also cover the minibatches
