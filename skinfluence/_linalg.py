@@ -226,20 +226,20 @@ def orthonormal_rows(Z: torch.Tensor, drop: float = 1e-10) -> torch.Tensor:
     return Vh[S > drop * S[0]]
 
 
+def _product(X: torch.Tensor, Y: torch.Tensor, dtype) -> torch.Tensor:
+    """``X @ Y`` as float64, computed in ``dtype``, the precision of the basis among
+    them (a basis kept in float32 is read as it is stored: no float64 copy of it)."""
+    return (X.to(dtype) @ Y.to(dtype)).to(torch.float64)
+
+
 def _dots(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``A @ B.T`` as float64, computed in the precision of ``B`` (a basis kept in
-    float32 is read as it is stored: no float64 copy of it is made)."""
-    if B.dtype == torch.float64:
-        return A.to(torch.float64) @ B.T
-    return (A.to(B.dtype) @ B.T).to(torch.float64)
+    """``A @ B.T`` for rows ``B`` of a basis, see :func:`_product`."""
+    return _product(A, B.T, B.dtype)
 
 
 def _combine(C: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``C @ B`` as float64 for coefficients ``C`` and rows ``B``, computed in the
-    precision of ``B`` like :func:`_dots`."""
-    if B.dtype == torch.float64:
-        return C.to(torch.float64) @ B
-    return (C.to(B.dtype) @ B).to(torch.float64)
+    """``C @ B`` for coefficients ``C`` and rows ``B`` of a basis, see :func:`_product`."""
+    return _product(C, B, B.dtype)
 
 
 def _new_directions(R: torch.Tensor, bases, scale: float, drop: float = 1e-8):
