@@ -252,7 +252,7 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
         self.seed_ = int(rng.randint(np.iinfo(np.int32).max))
         self.operator_ = operator
         # ||h|| <= ||h_0|| * scale / lambda_min for a convergent iteration
-        low = getattr(self, "_low", None) if self.preconditioner is not None else lam
+        low = self._low if self.preconditioner is not None else lam
         self._growth = GROWTH_FACTOR * max(self.scale_ / low, 1.0) if low and low > 0 else float("inf")
         return self
 
@@ -384,7 +384,7 @@ systems: a diagnostic of that call, not fitted state.""", when="solve"),
             # can be a lucky step a hundred times below the next: divergence shows
             # instead as an iterate growing past any convergent one.
             ratio = size / start.clamp_min(1e-300)
-            grew = ratio > getattr(self, "_growth", float("inf"))
+            grew = ratio > self._growth
         else:
             ratio = update / smallest
             grew = (update > DIVERGENCE_FACTOR * smallest) & (update > 1e-3 * size)
