@@ -125,17 +125,16 @@ NOTES = """
     digits MLP of ``benchmarks/results/ekfac.md`` (3,466 parameters, 1,000
     points) the Pearson against the exact influences is 0.981 against 0.954 for
     the sampled Fisher, and 10x faster than pyDVL's EK-FAC; on
-    ``SmallResNet(width=4)`` (2 classes, ``benchmarks/results/ekfac_cnn.md``) 8.5x
+    ``SmallResNet(width=4)`` (2 classes, ``benchmarks/results/ekfac_cnn.md``) 9.1x
     faster than kronfluence 1.0.1 at Pearson 0.781 against 0.727. Beyond the
-    cache each refinement and each output column costs a full pass: on a
-    405,610-parameter MLP with 16,000 points and 10 classes
-    (``benchmarks/results/scale.md``) the exact factors with refinement took 35.9 s
-    for a Pearson against conjugate gradients of 0.9327, without refinement 12.4 s
-    for 0.9327, and the sampled Fisher without refinement 3.9 to 5.7 s for 0.9275
-    (pyDVL's EK-FAC: 3.3 s, 0.9430); on a 9,930-parameter CNN on digits (10
-    classes, 2,000 images) the exact factors with refinement took 4.5 s at Pearson
-    0.687, the sampled Fisher 0.7 to 1.0 s at 0.702 to 0.707 (kronfluence 2.5 s,
-    0.697). The sampled Fisher is seeded by ``random_state``; set it for
+    cache each refinement and each output column costs a full pass, and the
+    sampled Fisher is taken: on a 9,930-parameter CNN on digits (10 classes, 2,000
+    images, ``benchmarks/results/ekfac_cnn.md``) the default takes 1.15 s at
+    Pearson 0.702 against the exact factors with refinement's 5.19 s at 0.687
+    (kronfluence: 3.58 s, 0.697); on a 405,610-parameter MLP with 16,000 points
+    and 10 classes (``benchmarks/results/scale.md``) 2.8 s against 22.9 s, at a
+    Pearson against conjugate gradients of 0.928 against 0.933 (pyDVL's EK-FAC:
+    2.5 s, 0.943). The sampled Fisher is seeded by ``random_state``; set it for
     reproducible factors."""
 MEMORY = """
     Memory: per layer, the two factors and their eigenvectors plus ``d_out x d_in``
