@@ -15,8 +15,8 @@ against a reference, conjugate gradients to ``rtol=1e-7`` on the first ``--n-ref
 test points; for Arnoldi also the largest relative residual ``||H v - e v|| / e_max``
 of the eigenpairs each library returns, measured with one more product.
 
-One Hessian-vector product over the 16,000 points costs about 1.4 s for one vector
-and 19 s for 20 on one core of this machine, so the iterative solvers (CG, LiSSA)
+One Hessian-vector product over the 16,000 points costs about a second per vector
+on one core of this machine, so the iterative solvers (CG, LiSSA)
 solve for ``--n-ref`` test points (default 2) and the low-rank methods (Arnoldi,
 Nystroem, EK-FAC), whose cost is their fit, for all 20.
 
